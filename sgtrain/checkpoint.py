@@ -1,0 +1,143 @@
+"""Checkpoints: atomic writes, a checksum per file, the last K kept, data-only loading.
+
+Layout in the run directory::
+
+    checkpoints/step-00001000.pt       torch.save of a dict of tensors and plain values
+    checkpoints/step-00001000.pt.json  {"step", "bytes", "sha256"}: written last, so its presence marks completion
+
+A checkpoint is data, never code: loading uses ``torch.load(weights_only=True)``, which refuses any pickle that
+would import or call something.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot or must not be loaded."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep``. Rank 0 only."""
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{step:08d}.pt"
+    tmp = path.with_name(f".{path.name}.tmp")
+    # A crash (or a full disk) before the final rename leaves only a temporary file, which the next save
+    # overwrites: the previous checkpoints are never touched until the new one is complete.
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    meta = {"step": step, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    write_atomic(path.with_name(path.name + ".json"), json.dumps(meta).encode())
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.with_name(old.name + ".json").unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (file and checksum record present), oldest first."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name) and p.with_name(p.name + ".json").is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` matches the size and sha256 recorded when it was written."""
+    try:
+        meta = json.loads(path.with_name(path.name + ".json").read_text())
+        expected_bytes, expected_sha = int(meta["bytes"]), str(meta["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: checksum record missing or unreadable ({error})") from None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file missing")
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise CheckpointError(f"{path}: {size} bytes on disk, {expected_bytes} written (truncated?)")
+    if _sha256(path) != expected_sha:
+        raise CheckpointError(f"{path}: sha256 differs from the one recorded at write time (corrupted)")
+
+
+def load_checkpoint(path: str | Path, *, check: bool = True) -> dict[str, Any]:
+    """Load a checkpoint as data. Refuses files whose pickle would run code."""
+    path = Path(path)
+    if check:
+        verify(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds pickled objects other than tensors and plain data, which "
+            f"could run code ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({str(error).splitlines()[0]})") from None
+
+
+def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of ``run_dir`` that verifies and loads, or None when there is none.
+
+    A damaged newest checkpoint (truncated, altered) is reported and the one before it is used. A checkpoint
+    that carries code is never skipped silently: that is an attack or a mistake the user must see.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify(path)
+        except CheckpointError as error:
+            warnings.warn(f"skipping damaged checkpoint: {error}", stacklevel=2)
+            continue
+        return path, load_checkpoint(path, check=False)
+    return None

@@ -1,0 +1,281 @@
+"""Typed configuration: dataclass defaults, YAML deltas, dotted command-line overrides.
+
+A run's configuration is resolved in three layers, each a delta over the one before:
+
+1. the dataclass defaults below (the embedded ``digits`` job),
+2. a YAML file (``--config imagenet128.yaml``; a bare name resolves to the shipped ``configs/``),
+3. dotted overrides (``--train.steps=200 --model.g_ch=32``).
+
+Unknown keys fail and name the nearest valid key; bad values fail with a one-line message. Both raise
+:class:`ConfigError`, which the CLI turns into exit code 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+MIXED_PRECISION = ("no", "bf16")
+SPARSE_METHODS = ("dense",)  # the sparse methods of DESIGN.md arrive with the mask manager
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message is one line meant for the user."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """BigGAN architecture (Brock et al. 2019) for 32, 64 or 128 px."""
+
+    resolution: int = 32  # output side in pixels: 32, 64 or 128
+    n_classes: int = 10  # number of conditioning classes
+    g_ch: int = 32  # generator channel multiplier ("ch" of BigGAN)
+    d_ch: int = 32  # discriminator channel multiplier
+    dim_z: int = 120  # latent size; with hier it is split into len(blocks)+1 chunks
+    shared_dim: int = 128  # shared class embedding size; 0 = one class embedding per conditional BN
+    hier: bool = True  # hierarchical latents: a z chunk goes to every generator block
+    g_attn: list[int] = field(default_factory=list)  # resolutions with self-attention in G (e.g. [64])
+    d_attn: list[int] = field(default_factory=list)  # resolutions with self-attention in D
+    init: str = "ortho"  # weight init: ortho | N02 | xavier
+    bn_eps: float = 1e-5
+    sn_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(self.resolution in (32, 64, 128), f"model.resolution must be 32, 64 or 128, got {self.resolution}")
+        _check(self.n_classes >= 1, f"model.n_classes must be >= 1, got {self.n_classes}")
+        _check(self.g_ch >= 1, f"model.g_ch must be >= 1, got {self.g_ch}")
+        _check(self.d_ch >= 1, f"model.d_ch must be >= 1, got {self.d_ch}")
+        _check(self.dim_z >= 1, f"model.dim_z must be >= 1, got {self.dim_z}")
+        _check(self.shared_dim >= 0, f"model.shared_dim must be >= 0, got {self.shared_dim}")
+        _check(self.init in ("ortho", "N02", "xavier"), f"model.init must be ortho, N02 or xavier, got {self.init!r}")
+        # Attention sits after a block, so only the blocks' output sides are valid: G upsamples from 4x4 to the
+        # full resolution; D downsamples to 8x8 at 32px and to 4x4 at 64 and 128px.
+        g_sides = [side for side in (8, 16, 32, 64, 128) if side <= self.resolution]
+        d_sides = [side for side in (64, 32, 16, 8, 4) if side < self.resolution and (side > 4 or self.resolution > 32)]
+        for name, sides in (("g_attn", g_sides), ("d_attn", d_sides)):
+            bad = [r for r in getattr(self, name) if r not in sides]
+            _check(not bad, f"model.{name}: no {self.resolution}px block outputs {bad}px; choose from {sides}")
+        _check(self.bn_eps > 0 and self.sn_eps > 0, "model.bn_eps and model.sn_eps must be > 0")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training images come from."""
+
+    dataset: str = "digits"  # bundled real data when no shards are given: digits | mnist5k
+    shards: str | None = None  # webdataset shard pattern (e.g. /data/train-{000000..000639}.tar)
+    num_workers: int = 0  # data-loader worker processes per rank
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(bool(self.dataset), "data.dataset must name a bundled dataset")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The GAN training loop. Progress is counted in generator steps."""
+
+    steps: int = 3000  # generator steps in the whole run
+    batch_size: int = 64  # global images per D (and G) step, summed over ranks and accumulation rounds
+    accumulation: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    d_steps: int = 2  # discriminator steps per generator step
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas (BigGAN: 0, 0.999)
+    adam_eps: float = 1e-6  # BigGAN's Adam epsilon
+    ema_decay: float = 0.999  # generator EMA decay per G step
+    ema_start: int = 100  # G step at which the EMA starts averaging (it copies G before)
+    mixed_precision: str = "no"  # no | bf16 (autocast; losses and SN power iteration kept in fp32)
+    sample_every: int = 500  # G steps between fixed-noise sample grids
+    checkpoint_every: int = 1000  # G steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # checkpoints kept in the run directory (the last K)
+    log_every: int = 50  # G steps between metrics.jsonl records
+    sample_classes: int = 10  # classes shown in a sample grid (one row each)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "accumulation", "d_steps", "sample_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.sample_classes >= 1, f"train.sample_classes must be >= 1, got {self.sample_classes}")
+        for name in ("g_lr", "d_lr"):
+            _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"train.betas must be two numbers in [0, 1), got {self.betas}",
+        )
+        _check(self.adam_eps > 0, f"train.adam_eps must be > 0, got {self.adam_eps}")
+        _check(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(self.ema_start >= 0, f"train.ema_start must be >= 0, got {self.ema_start}")
+        _check(
+            self.mixed_precision in MIXED_PRECISION,
+            f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
+        )
+        _check(
+            self.batch_size % self.accumulation == 0,
+            f"train.batch_size ({self.batch_size}) must be divisible by train.accumulation ({self.accumulation})",
+        )
+
+
+@dataclass(kw_only=True)
+class SparseConfig:
+    """Sparse-to-sparse training (see DESIGN.md). Densities are fractions of weights kept."""
+
+    method: str = "dense"
+    density_g: float = 1.0  # overall density of the generator's masked weights, in (0, 1]
+    density_d: float = 1.0  # overall density of the discriminator's masked weights, in (0, 1]
+
+    def __post_init__(self) -> None:
+        _check(self.method in SPARSE_METHODS, f"sparse.method must be one of {', '.join(SPARSE_METHODS)}")
+        for name in ("density_g", "density_d"):
+            value = getattr(self, name)
+            _check(0 < value <= 1, f"sparse.{name} must be in (0, 1], got {value}")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole run."""
+
+    run_dir: str = "runs/digits"  # checkpoints, samples, metrics.jsonl and config.yaml go here
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_dir), "run_dir must not be empty")
+        _check(
+            self.train.sample_classes <= self.model.n_classes,
+            f"train.sample_classes ({self.train.sample_classes}) exceeds model.n_classes ({self.model.n_classes})",
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given if it exists, else a bare name looked up in the shipped ``configs/``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if len(path.parts) == 1 and candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {str(name)!r} not found (shipped configs: {shipped})")
+
+
+def load_config(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML delta in ``config``, then dotted ``overrides`` such as ``{"train.steps": 200}``."""
+    tree: dict[str, Any] = {}
+    if config is not None:
+        path = resolve_config_path(config)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+        tree = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        node = tree
+        *parents, leaf = dotted.replace("-", "_").split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{dotted}: {part} is not a section")
+            node = child
+        node[leaf] = value
+    return _build(Config, tree, prefix="")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    """Check (and gently convert, e.g. '1e-4' or 'true' from a shell) ``value`` against a field's type."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} is a section; give its keys, e.g. --{name}.<key>=...")
+        return _build(hint, value, prefix=f"{name}.")
+    if origin in (types.UnionType, typing.Union):  # only ``X | None`` is used
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _coerce(inner, value, name)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(inner, item, f"{name}[{i}]") for i, item in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = int(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} for {name}")  # a bug in this module, not user input
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a saved config (e.g. from a checkpoint); it was valid when saved, so errors here mean corruption."""
+    return _build(Config, tree, prefix="")

@@ -1,0 +1,270 @@
+"""The training loop: one function, read top to bottom.
+
+Launch (see README for all of them)::
+
+    python -m sgtrain                                              # embedded default, one CPU
+    python -m sgtrain --config cifar10.yaml --train.steps=200      # a shipped config plus overrides
+    accelerate launch -m sgtrain --config imagenet128.yaml         # data-parallel GPUs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sgtrain import checkpoint
+from sgtrain.config import Config, ConfigError, config_from_dict, config_to_dict, config_to_yaml
+from sgtrain.data.builtin import IndexStream, load_builtin
+from sgtrain.dist import Dist
+from sgtrain.ema import EMA
+from sgtrain.images import save_grid
+from sgtrain.losses import d_hinge, g_hinge
+from sgtrain.models import Discriminator, Generator
+from sgtrain.sparse import build_mask_manager
+
+SAMPLES_PER_CLASS = 8  # columns of a sample grid
+
+
+def build_models(cfg: Config) -> tuple[Generator, Discriminator]:
+    """G and D of ``cfg.model``, initialised from ``cfg.seed`` (identical on every rank)."""
+    m = cfg.model
+    torch.manual_seed(cfg.seed)
+    generator = Generator(
+        resolution=m.resolution,
+        n_classes=m.n_classes,
+        ch=m.g_ch,
+        dim_z=m.dim_z,
+        shared_dim=m.shared_dim,
+        hier=m.hier,
+        attn_res=m.g_attn,
+        init=m.init,
+        bn_eps=m.bn_eps,
+        sn_eps=m.sn_eps,
+    )
+    discriminator = Discriminator(
+        resolution=m.resolution, n_classes=m.n_classes, ch=m.d_ch, attn_res=m.d_attn, init=m.init, sn_eps=m.sn_eps
+    )
+    return generator, discriminator
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The RNG for the latents of G step ``step`` on ``rank``: a pure function of the three, so resumes are exact."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_000_007 + step)
+
+
+def sample_noise(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed latents ``[C*8, dim_z]`` and classes ``[C*8]`` of the sample grids: one row per class."""
+    classes = cfg.train.sample_classes
+    generator = torch.Generator().manual_seed(cfg.seed + 7919)
+    z = torch.randn(classes * SAMPLES_PER_CLASS, cfg.model.dim_z, generator=generator)
+    y = torch.arange(classes).repeat_interleave(SAMPLES_PER_CLASS)
+    return z, y
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after ``step``: a resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    checkpoint.write_atomic(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _check_resumable(cfg: Config, saved: dict[str, Any], path: Path) -> None:
+    saved_model = config_from_dict(saved).model
+    if saved_model != cfg.model:
+        diff = [
+            f"model.{k}: {getattr(saved_model, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
+            for k in vars(cfg.model)
+            if getattr(saved_model, k) != getattr(cfg.model, k)
+        ]
+        raise ConfigError(f"{path} was trained with another model ({'; '.join(diff)}); use a new run_dir")
+
+
+def train(cfg: Config) -> Path:
+    """Train ``cfg`` to ``cfg.train.steps`` G steps, resuming from the run directory's latest checkpoint."""
+    dist = Dist()
+    try:
+        training_loop(cfg, dist)
+    finally:
+        # The loop's models and optimizers are freed by now, which a clean gloo shutdown needs.
+        dist.shutdown()
+    return Path(cfg.run_dir)
+
+
+def training_loop(cfg: Config, dist: Dist) -> None:
+    """The whole run on this rank: set up or resume, then alternate D and G steps until ``cfg.train.steps``."""
+    t = cfg.train
+    run_dir = Path(cfg.run_dir)
+    micro_global = t.batch_size // t.accumulation
+    if micro_global % dist.world_size:
+        raise ConfigError(
+            f"train.batch_size / train.accumulation = {micro_global} images must split evenly over "
+            f"{dist.world_size} processes"
+        )
+    micro = micro_global // dist.world_size  # images per rank per forward pass
+    if cfg.data.shards is not None:
+        raise ConfigError("data.shards: streaming from webdataset shards is not available yet; use data.dataset")
+    data = load_builtin(cfg.data.dataset, cfg.model.resolution)
+    if data.n_classes > cfg.model.n_classes:
+        raise ConfigError(f"data.dataset {data.name} has {data.n_classes} classes but model.n_classes is smaller")
+
+    # Build models, optimizers, the EMA and the mask manager.
+    G, D = build_models(cfg)
+    masks = build_mask_manager(cfg.sparse, G, D)
+    G, D = G.to(dist.device), D.to(dist.device)
+    ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
+    opt_g = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas), eps=t.adam_eps)
+    opt_d = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas), eps=t.adam_eps)
+
+    # Resume from the latest complete checkpoint, if any.
+    step, position = 0, 0
+    latest = checkpoint.load_latest(run_dir)
+    if latest is not None:
+        path, state = latest
+        _check_resumable(cfg, state["config"], path)
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        ema.load_state_dict(state["ema"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        masks.load_state_dict(state["masks"])
+        step, position = int(state["step"]), int(state["position"])
+        torch.set_rng_state(state["rng"]["torch"])
+    G_ddp, D_ddp = dist.prepare(G), dist.prepare(D)
+    stream = IndexStream(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    autocast = (
+        torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
+        if t.mixed_precision == "bf16"
+        else nullcontext()
+    )
+    fixed_z, fixed_y = sample_noise(cfg)
+    metrics_path = run_dir / "metrics.jsonl"
+    if dist.is_main:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        checkpoint.write_atomic(run_dir / "config.yaml", config_to_yaml(cfg).encode())
+        _truncate_metrics(metrics_path, step)
+    dist.barrier()
+
+    def save() -> None:
+        if dist.is_main:
+            state = {
+                "step": step,
+                "position": position,
+                "G": G.state_dict(),
+                "D": D.state_dict(),
+                "ema": ema.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "masks": masks.state_dict(),
+                "rng": {"torch": torch.get_rng_state()},
+                "config": config_to_dict(cfg),
+            }
+            checkpoint.save_checkpoint(run_dir, step, state, keep=t.keep_checkpoints)
+        dist.barrier()
+
+    def sample_grid() -> None:
+        if dist.is_main:
+            with torch.no_grad(), autocast:
+                images = ema.module(fixed_z.to(dist.device), fixed_y.to(dist.device))
+            save_grid(images, run_dir / "samples" / f"step-{step:08d}.png", nrow=SAMPLES_PER_CLASS)
+
+    progress = None
+    if dist.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, desc=run_dir.name)
+    sums: dict[str, torch.Tensor] = {}
+    interval_start, interval_steps = time.perf_counter(), 0
+
+    while step < t.steps:
+        rng = step_generator(cfg.seed, dist.rank, step)
+
+        def latents() -> tuple[torch.Tensor, torch.Tensor]:
+            z = torch.randn(micro, cfg.model.dim_z, generator=rng)  # noqa: B023 (rng is this step's)
+            y = torch.randint(cfg.model.n_classes, (micro,), generator=rng)  # noqa: B023
+            return z.to(dist.device), y.to(dist.device)
+
+        # Update discriminator.
+        G.train()
+        D_ddp.train()
+        for _ in range(t.d_steps):
+            opt_d.zero_grad(set_to_none=True)
+            for rnd in range(t.accumulation):
+                index = stream.indices(position, micro_global)
+                position += micro_global
+                real, y_real = data.images[index].to(dist.device), data.labels[index].to(dist.device)
+                z, y_fake = latents()
+                with torch.no_grad(), autocast:
+                    fake = G(z, y_fake)
+                # One D pass over real and fake together, as BigGAN does: half the kernel launches.
+                with dist.no_sync(D_ddp, skip=rnd < t.accumulation - 1), autocast:
+                    logits = D_ddp(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
+                    loss_real, loss_fake = d_hinge(logits[:micro], logits[micro:])
+                    ((loss_real + loss_fake) / t.accumulation).backward()
+                sums["d_loss_real"] = sums.get("d_loss_real", 0.0) + loss_real.detach() / t.accumulation
+                sums["d_loss_fake"] = sums.get("d_loss_fake", 0.0) + loss_fake.detach() / t.accumulation
+            masks.before_step("D")
+            opt_d.step()
+            masks.after_step("D")
+
+        # Update generator. D's parameters are frozen and D is called unwrapped, so this backward neither
+        # produces D gradients nor makes DDP all-reduce them.
+        D.requires_grad_(False)
+        opt_g.zero_grad(set_to_none=True)
+        for rnd in range(t.accumulation):
+            z, y = latents()
+            with dist.no_sync(G_ddp, skip=rnd < t.accumulation - 1), autocast:
+                g_loss = g_hinge(D(G_ddp(z, y), y))
+                (g_loss / t.accumulation).backward()
+            sums["g_loss"] = sums.get("g_loss", 0.0) + g_loss.detach() / t.accumulation
+        D.requires_grad_(True)
+        masks.before_step("G")
+        opt_g.step()
+        masks.after_step("G")
+        step += 1
+
+        # Update EMA.
+        ema.update(G, step)
+
+        # Topology update.
+        topology = masks.maybe_update(step)
+
+        # Maintenance.
+        interval_steps += 1
+        if step % t.log_every == 0 or step == t.steps:
+            elapsed = time.perf_counter() - interval_start
+            record: dict[str, Any] = {"step": step, "images_seen": position}
+            for name, total in sums.items():
+                record[name] = float(dist.mean(total)) / (interval_steps * (t.d_steps if "d_" in name else 1))
+            record["images_per_s"] = interval_steps * t.d_steps * t.batch_size / max(elapsed, 1e-9)
+            record.update(topology)
+            if not all(math.isfinite(v) for v in record.values()):
+                raise FloatingPointError(f"non-finite losses at step {step}: {record}")
+            if dist.is_main:
+                _append_jsonl(metrics_path, record)
+                progress.set_postfix(
+                    d=f"{record['d_loss_real'] + record['d_loss_fake']:.3f}",
+                    g=f"{record['g_loss']:.3f}",
+                    img_s=f"{record['images_per_s']:.0f}",
+                )
+            sums, interval_start, interval_steps = {}, time.perf_counter(), 0
+        if progress is not None:
+            progress.update(1)
+        if step % t.sample_every == 0 or step == t.steps:
+            sample_grid()
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            save()
+
+    if progress is not None:
+        progress.close()
