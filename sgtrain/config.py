@@ -43,8 +43,8 @@ class ModelConfig:
 
     resolution: int = 32  # output side in pixels: 32, 64 or 128
     n_classes: int = 10  # number of conditioning classes
-    g_ch: int = 32  # generator channel multiplier ("ch" of BigGAN)
-    d_ch: int = 32  # discriminator channel multiplier
+    g_ch: int = 8  # generator channel multiplier ("ch" of BigGAN; 64 for CIFAR-10, 96 for ImageNet)
+    d_ch: int = 8  # discriminator channel multiplier
     dim_z: int = 120  # latent size; with hier it is split into len(blocks)+1 chunks
     shared_dim: int = 128  # shared class embedding size; 0 = one class embedding per conditional BN
     hier: bool = True  # hierarchical latents: a z chunk goes to every generator block
@@ -89,19 +89,19 @@ class DataConfig:
 class TrainConfig:
     """The GAN training loop. Progress is counted in generator steps."""
 
-    steps: int = 3000  # generator steps in the whole run
-    batch_size: int = 64  # global images per D (and G) step, summed over ranks and accumulation rounds
+    steps: int = 2000  # generator steps in the whole run
+    batch_size: int = 32  # global images per D (and G) step, summed over ranks and accumulation rounds
     accumulation: int = 1  # micro-batches per optimizer step (gradient accumulation)
-    d_steps: int = 2  # discriminator steps per generator step
+    d_steps: int = 1  # discriminator steps per generator step
     g_lr: float = 2e-4
     d_lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas (BigGAN: 0, 0.999)
     adam_eps: float = 1e-6  # BigGAN's Adam epsilon
-    ema_decay: float = 0.999  # generator EMA decay per G step
-    ema_start: int = 100  # G step at which the EMA starts averaging (it copies G before)
+    ema_decay: float = 0.99  # generator EMA decay per G step (BigGAN: 0.9999 over 100k+ steps)
+    ema_start: int = 1000  # G step at which the EMA starts averaging (it copies G before)
     mixed_precision: str = "no"  # no | bf16 (autocast; losses and SN power iteration kept in fp32)
     sample_every: int = 500  # G steps between fixed-noise sample grids
-    checkpoint_every: int = 1000  # G steps between checkpoints (one is always written at the end)
+    checkpoint_every: int = 500  # G steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # checkpoints kept in the run directory (the last K)
     log_every: int = 50  # G steps between metrics.jsonl records
     sample_classes: int = 10  # classes shown in a sample grid (one row each)

@@ -141,6 +141,8 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         masks.load_state_dict(state["masks"])
         step, position = int(state["step"]), int(state["position"])
         torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     G_ddp, D_ddp = dist.prepare(G), dist.prepare(D)
     stream = IndexStream(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     autocast = (
@@ -167,7 +169,7 @@ def training_loop(cfg: Config, dist: Dist) -> None:
                 "opt_g": opt_g.state_dict(),
                 "opt_d": opt_d.state_dict(),
                 "masks": masks.state_dict(),
-                "rng": {"torch": torch.get_rng_state()},
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
                 "config": config_to_dict(cfg),
             }
             checkpoint.save_checkpoint(run_dir, step, state, keep=t.keep_checkpoints)

@@ -1,0 +1,170 @@
+"""Config: defaults, YAML deltas, dotted overrides, and one clear message for every bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sgtrain.config import Config, ConfigError, config_to_dict, config_to_yaml, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_digits_job() -> None:
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.data.dataset == "digits" and cfg.data.shards is None
+    assert cfg.model.resolution == 32 and cfg.model.n_classes == 10
+
+
+def test_shipped_digits_yaml_equals_the_defaults() -> None:
+    assert load_config("digits.yaml") == load_config()
+
+
+@pytest.mark.parametrize("name", ["imagenet128.yaml", "imagenet128", "cifar10.yaml", "digits.yaml"])
+def test_bare_name_resolves_to_shipped_configs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # not the repository root: the package's own configs/ must be found
+    cfg = load_config(name)
+    assert cfg.run_dir.startswith("runs/")
+
+
+def test_imagenet128_values() -> None:
+    cfg = load_config("imagenet128.yaml")
+    m = cfg.model
+    assert (m.resolution, m.n_classes, m.g_ch, m.d_ch, m.dim_z, m.shared_dim, m.hier) == (
+        128,
+        1000,
+        96,
+        96,
+        120,
+        128,
+        True,
+    )
+    assert m.g_attn == [64] and m.d_attn == [64]
+    assert cfg.data.shards == "/path/to/imagenet128/train-{000000..000639}.tar"
+    assert cfg.train.batch_size == 2048 and cfg.train.accumulation == 8
+
+
+def test_dotted_overrides_apply_over_the_yaml() -> None:
+    cfg = load_config(
+        "cifar10.yaml",
+        {"train.steps": 200, "model.g_ch": "32", "run_dir": "x", "data.shards": "null", "model.hier": "true"},
+    )
+    assert cfg.train.steps == 200 and cfg.model.g_ch == 32 and cfg.run_dir == "x"
+    assert cfg.data.shards is None and cfg.model.hier is True
+    assert cfg.model.d_ch == 64  # untouched keys keep the YAML's value
+    assert load_config(None, {"train.betas": "[0.5, 0.9]"}).train.betas == [0.5, 0.9]
+    assert load_config(None, {"train.g_lr": "1e-4"}).train.g_lr == 1e-4
+
+
+def test_yaml_file_outside_configs(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  steps: 7\nmodel:\n  g_ch: 16\n")
+    cfg = load_config(path)
+    assert cfg.train.steps == 7 and cfg.model.g_ch == 16
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config("imagenet128.yaml", {"train.steps": 5})
+    path = tmp_path / "saved.yaml"
+    path.write_text(config_to_yaml(cfg))
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text()) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.stepz": 3}, "unknown config key train.stepz; did you mean train.steps?"),
+        ({"modle.g_ch": 3}, "unknown config key modle; did you mean model?"),
+        ({"model.gch": 3}, "unknown config key model.gch; did you mean model.g_ch?"),
+        ({"zzz": 3}, "unknown config key zzz; valid keys: run_dir, seed, model, data, train, sparse"),
+        ({"model": 3}, "model is a section"),
+        ({"train.g_lr": -1}, "train.g_lr must be > 0, got -1.0"),
+        ({"train.d_lr": 0}, "train.d_lr must be > 0, got 0.0"),
+        ({"sparse.density_g": 0}, "sparse.density_g must be in (0, 1], got 0.0"),
+        ({"sparse.density_d": 1.5}, "sparse.density_d must be in (0, 1], got 1.5"),
+        ({"sparse.density_g": -0.2}, "sparse.density_g must be in (0, 1], got -0.2"),
+        ({"sparse.method": "magic"}, "sparse.method must be one of"),
+        ({"model.resolution": 48}, "model.resolution must be 32, 64 or 128, got 48"),
+        ({"model.resolution": 256}, "model.resolution must be 32, 64 or 128, got 256"),
+        ({"model.g_ch": 0}, "model.g_ch must be >= 1, got 0"),
+        ({"model.init": "kaiming"}, "model.init must be ortho, N02 or xavier"),
+        ({"model.g_attn": [64]}, "model.g_attn: no 32px block outputs [64]px; choose from [8, 16, 32]"),
+        ({"model.d_attn": [32]}, "model.d_attn: no 32px block outputs [32]px; choose from [16, 8]"),
+        ({"model.g_ch": "wide"}, "model.g_ch must be an integer, got 'wide'"),
+        ({"model.hier": "maybe"}, "model.hier must be true or false, got 'maybe'"),
+        ({"train.steps": 0}, "train.steps must be >= 1, got 0"),
+        ({"train.steps": 2.5}, "train.steps must be an integer, got 2.5"),
+        ({"train.batch_size": 10, "train.accumulation": 4}, "must be divisible by train.accumulation"),
+        ({"train.betas": [0.0, 1.0]}, "train.betas must be two numbers in [0, 1)"),
+        ({"train.betas": [0.0]}, "train.betas must be two numbers in [0, 1)"),
+        ({"train.ema_decay": 1.0}, "train.ema_decay must be in [0, 1), got 1.0"),
+        ({"train.mixed_precision": "fp8"}, "train.mixed_precision must be one of no, bf16"),
+        ({"train.sample_classes": 11}, "train.sample_classes (11) exceeds model.n_classes (10)"),
+        ({"data.num_workers": -1}, "data.num_workers must be >= 0, got -1"),
+        ({"run_dir": ""}, "run_dir must not be empty"),
+    ],
+)
+def test_bad_values_fail_with_one_line(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file 'nope\.yaml' not found"):
+        load_config("nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(scalar)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"did you mean train\.steps"):
+        load_config(typo)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sgtrain", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--train.g_lr=-1"],
+        ["--sparse.density_g=1.5"],
+        ["--model.resolution=48"],
+        ["--train.stepz=3"],
+        ["train", "--config", "nope.yaml"],
+    ],
+)
+def test_cli_bad_input_exits_2_before_any_work(args: list[str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _cli(*args, f"--run_dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sgtrain: error: ")
+    assert not run_dir.exists()  # nothing was written
+
+
+def test_cli_print_config_and_help(tmp_path: Path) -> None:
+    result = _cli("print-config", "--config", "imagenet128.yaml", "--train.steps=5", cwd=tmp_path)
+    assert result.returncode == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(result.stdout)
+    assert load_config(printed) == load_config("imagenet128.yaml", {"train.steps": 5})
+    helped = _cli("--help", cwd=tmp_path)
+    assert helped.returncode == 0
+    assert "train" in helped.stdout and "print-config" in helped.stdout
+    unknown = _cli("frobnicate", cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown command 'frobnicate'" in unknown.stderr
