@@ -11,9 +11,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+DEFAULT_CONFIG = "digits.yaml"  # the embedded default job: what `python -m sgtrain` trains without --config
+
 COMMANDS = {
     "train": "train a GAN (the default command): [--config FILE] [--section.key=value ...]",
     "print-config": "print the resolved config as YAML: [--config FILE] [--section.key=value ...]",
+    "inspect": "masks of a run's latest checkpoint (or a checkpoint file): RUN_DIR_OR_CHECKPOINT [--json]",
+    "flops": "inference and training FLOPs, dense and sparse: [--config FILE] [--section.key=value ...] [--json]",
 }
 
 
@@ -23,7 +27,7 @@ def train(config: str | None = None, **overrides: Any) -> None:
     from sgtrain.config import load_config
     from sgtrain.train import train as run
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)
     run(cfg)
 
 
@@ -31,7 +35,28 @@ def print_config(config: str | None = None, **overrides: Any) -> None:
     """Print the resolved config (defaults + --config + overrides) as YAML."""
     from sgtrain.config import config_to_yaml, load_config
 
-    print(config_to_yaml(load_config(config, overrides)), end="")
+    print(config_to_yaml(load_config(config or DEFAULT_CONFIG, overrides)), end="")
+
+
+def inspect(path: str, json: bool = False) -> None:
+    """Print densities per network and layer, the exploration rate and the step of a checkpoint."""
+    import json as json_module
+
+    from sgtrain.inspection import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(path)
+    print(json_module.dumps(report) if json else format_report(report))
+
+
+def flops(config: str | None = None, json: bool = False, **overrides: Any) -> None:
+    """Per-network inference FLOPs and training FLOPs per iteration, dense and at the configured densities."""
+    import json as json_module
+
+    from sgtrain.config import load_config
+    from sgtrain.flops import config_flops, format_config_flops
+
+    report = config_flops(load_config(config or DEFAULT_CONFIG, overrides))
+    print(json_module.dumps(report) if json else format_config_flops(report))
 
 
 def _usage() -> str:
@@ -52,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sgtrain: error: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     if any(arg in ("-h", "--help") for arg in argv[1:]):
-        print(f"usage: python -m sgtrain {argv[0]} [--config FILE] [--section.key=value ...]\n\n{COMMANDS[argv[0]]}")
-        print("Keys and defaults: python -m sgtrain print-config")
+        print(f"usage: python -m sgtrain {argv[0]}: {COMMANDS[argv[0]]}")
+        if argv[0] in ("train", "print-config", "flops"):
+            print("Keys and defaults: python -m sgtrain print-config")
         return 0
 
     import fire
@@ -62,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from sgtrain.config import ConfigError
     from sgtrain.dist import LaunchError
 
-    commands = {"train": train, "print-config": print_config}
+    commands = {"train": train, "print-config": print_config, "inspect": inspect, "flops": flops}
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
     except (ConfigError, CheckpointError, LaunchError) as error:

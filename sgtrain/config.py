@@ -25,7 +25,8 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MIXED_PRECISION = ("no", "bf16")
-SPARSE_METHODS = ("dense",)  # the sparse methods of DESIGN.md arrive with the mask manager
+SPARSE_METHODS = ("dense", "static", "stu", "snip", "gmp", "prune_finetune")
+GROWTH_MODES = ("gradient", "random", "momentum")
 
 
 class ConfigError(ValueError):
@@ -133,17 +134,69 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class SparseConfig:
-    """Sparse-to-sparse training (see DESIGN.md). Densities are fractions of weights kept."""
+    """Sparse-to-sparse training (DESIGN.md, "The method"). Densities are fractions of masked weights kept."""
 
-    method: str = "dense"
+    method: str = "dense"  # dense | static | stu | snip | gmp | prune_finetune
+    distribution: str = "ERK"  # layer-wise densities: uniform | ER | ERK
+    erk_power: float = 1.0  # exponent on the (E)R(K) layer score; 1 is the paper's
     density_g: float = 1.0  # overall density of the generator's masked weights, in (0, 1]
     density_d: float = 1.0  # overall density of the discriminator's masked weights, in (0, 1]
+    targets: str = "conv_linear"  # masked tensors: conv_linear (conv + linear weights) | conv_only (the paper's)
+    dense_first_last: bool = False  # keep each network's first and last masked layer dense
+    explore: str = "G"  # networks whose topology is updated (stu): G | D | GD | none
+    grow_g: str = "gradient"  # how G grows: gradient (RigL) | random (SET) | momentum (Adam exp_avg)
+    grow_d: str = "random"  # how D grows when it explores
+    update_every: int = 500  # G steps between topology updates (stu) or pruning steps (gmp)
+    update_end: float = 0.75  # fraction of the run after which topologies stay fixed
+    drop_fraction: float = 0.5  # fraction of each layer's active weights replaced at the first update (cosine-decayed)
+    gmp_start: float = 0.1  # gmp: fraction of the run where pruning starts (dense before)
+    gmp_end: float = 0.6  # gmp: fraction of the run where the final density is reached
+    prune_from: str | None = None  # prune_finetune: the dense checkpoint (.pt file or run directory) to prune
+    prune_scope: str = "global"  # prune_finetune: global (one magnitude threshold per network) | layer (distribution)
 
     def __post_init__(self) -> None:
-        _check(self.method in SPARSE_METHODS, f"sparse.method must be one of {', '.join(SPARSE_METHODS)}")
+        _check(
+            self.method in SPARSE_METHODS,
+            f"sparse.method must be one of {', '.join(SPARSE_METHODS)}, got {self.method!r}",
+        )
+        _check(
+            self.distribution in ("uniform", "ER", "ERK"),
+            f"sparse.distribution must be uniform, ER or ERK, got {self.distribution!r}",
+        )
+        _check(self.erk_power > 0, f"sparse.erk_power must be > 0, got {self.erk_power}")
         for name in ("density_g", "density_d"):
             value = getattr(self, name)
             _check(0 < value <= 1, f"sparse.{name} must be in (0, 1], got {value}")
+        _check(
+            self.targets in ("conv_linear", "conv_only"),
+            f"sparse.targets must be conv_linear or conv_only, got {self.targets!r}",
+        )
+        _check(
+            self.explore in ("G", "D", "GD", "none"), f"sparse.explore must be G, D, GD or none, got {self.explore!r}"
+        )
+        for name in ("grow_g", "grow_d"):
+            value = getattr(self, name)
+            _check(value in GROWTH_MODES, f"sparse.{name} must be one of {', '.join(GROWTH_MODES)}, got {value!r}")
+        _check(self.update_every >= 1, f"sparse.update_every must be >= 1, got {self.update_every}")
+        _check(0 < self.update_end <= 1, f"sparse.update_end must be in (0, 1], got {self.update_end}")
+        _check(0 <= self.drop_fraction < 1, f"sparse.drop_fraction must be in [0, 1), got {self.drop_fraction}")
+        _check(
+            0 <= self.gmp_start < self.gmp_end <= 1,
+            f"sparse.gmp_start < sparse.gmp_end must lie in [0, 1], got {self.gmp_start}, {self.gmp_end}",
+        )
+        _check(
+            self.prune_scope in ("global", "layer"),
+            f"sparse.prune_scope must be global or layer, got {self.prune_scope!r}",
+        )
+        if self.method == "prune_finetune":
+            _check(
+                self.prune_from is not None, "sparse.method=prune_finetune needs sparse.prune_from: a dense checkpoint"
+            )
+        if self.method == "dense":
+            _check(
+                self.density_g == 1 and self.density_d == 1,
+                "sparse.method=dense trains every weight; set sparse.method (e.g. stu or static) to use densities < 1",
+            )
 
 
 @dataclass(kw_only=True)
@@ -181,18 +234,38 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"config file {str(name)!r} not found (shipped configs: {shipped})")
 
 
+def _merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in delta.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_sections else value
+    return merged
+
+
+def _read_tree(config: str | Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML delta, itself applied over the file named by its optional ``base:`` key (e.g. ``base: cifar10.yaml``)."""
+    path = resolve_config_path(config)
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: its base: chain loops back to itself")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    tree = loaded or {}
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    beside = path.parent / str(base)
+    if not Path(str(base)).is_absolute() and beside.is_file():
+        base = beside  # relative to the file that names it, else a shipped config
+    return _merge(_read_tree(base, (*chain, path.resolve())), tree)
+
+
 def load_config(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML delta in ``config``, then dotted ``overrides`` such as ``{"train.steps": 200}``."""
-    tree: dict[str, Any] = {}
-    if config is not None:
-        path = resolve_config_path(config)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
-        tree = loaded or {}
+    tree: dict[str, Any] = _read_tree(config) if config is not None else {}
     for dotted, value in (overrides or {}).items():
         node = tree
         *parents, leaf = dotted.replace("-", "_").split(".")

@@ -61,6 +61,16 @@ class Dist:
             return tensor
         return self.accelerator.reduce(tensor.to(self.device), reduction="mean")
 
+    def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """``tensor`` reduced over ranks with ``op`` in {"sum", "min", "max"} (every rank gets the result)."""
+        if self.world_size == 1:
+            return tensor
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN}
+        ops["max"] = torch.distributed.ReduceOp.MAX
+        moved = tensor.to(self.device)
+        torch.distributed.all_reduce(moved, op=ops[op])
+        return moved.to(tensor.device)
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 

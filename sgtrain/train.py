@@ -23,10 +23,11 @@ from sgtrain.config import Config, ConfigError, config_from_dict, config_to_dict
 from sgtrain.data.builtin import IndexStream, load_builtin
 from sgtrain.dist import Dist
 from sgtrain.ema import EMA
+from sgtrain.flops import flops_report, gan_iteration_flops, network_flops
 from sgtrain.images import save_grid
 from sgtrain.losses import d_hinge, g_hinge
 from sgtrain.models import Discriminator, Generator
-from sgtrain.sparse import build_mask_manager
+from sgtrain.sparse import MaskManager
 
 SAMPLES_PER_CLASS = 8  # columns of a sample grid
 
@@ -67,6 +68,15 @@ def sample_noise(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return z, y
 
 
+def _iteration_flops(
+    cfg: Config, report: dict[str, Any], g_densities: dict[str, float], d_densities: dict[str, float]
+) -> float:
+    """Training FLOPs of one G iteration (with its D steps) at the given layer densities (sgtrain.flops conventions)."""
+    g = network_flops(report["G"]["layers"], g_densities)
+    d = network_flops(report["D"]["layers"], d_densities)
+    return gan_iteration_flops(g, d, batch_size=cfg.train.batch_size, d_steps=cfg.train.d_steps)["total"]
+
+
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -80,15 +90,23 @@ def _truncate_metrics(path: Path, step: int) -> None:
     checkpoint.write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
+# Settings a run cannot change when it resumes: they define the weights and masks in the checkpoint.
+FIXED_ON_RESUME = {
+    "model": None,  # every key
+    "sparse": ("method", "distribution", "erk_power", "density_g", "density_d", "targets", "dense_first_last"),
+}
+
+
 def _check_resumable(cfg: Config, saved: dict[str, Any], path: Path) -> None:
-    saved_model = config_from_dict(saved).model
-    if saved_model != cfg.model:
-        diff = [
-            f"model.{k}: {getattr(saved_model, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
-            for k in vars(cfg.model)
-            if getattr(saved_model, k) != getattr(cfg.model, k)
-        ]
-        raise ConfigError(f"{path} was trained with another model ({'; '.join(diff)}); use a new run_dir")
+    old = config_from_dict(saved)
+    diff = []
+    for section, keys in FIXED_ON_RESUME.items():
+        before, now = getattr(old, section), getattr(cfg, section)
+        for key in keys or vars(now):
+            if getattr(before, key) != getattr(now, key):
+                diff.append(f"{section}.{key}: {getattr(before, key)!r} in the checkpoint, {getattr(now, key)!r} now")
+    if diff:
+        raise ConfigError(f"{path} was trained with other settings ({'; '.join(diff)}); use a new run_dir")
 
 
 def train(cfg: Config) -> Path:
@@ -119,30 +137,52 @@ def training_loop(cfg: Config, dist: Dist) -> None:
     if data.n_classes > cfg.model.n_classes:
         raise ConfigError(f"data.dataset {data.name} has {data.n_classes} classes but model.n_classes is smaller")
 
-    # Build models, optimizers, the EMA and the mask manager.
+    # Build models, optimizers and the mask manager; resume from the latest complete checkpoint, if any.
     G, D = build_models(cfg)
-    masks = build_mask_manager(cfg.sparse, G, D)
     G, D = G.to(dist.device), D.to(dist.device)
-    ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
     opt_g = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas), eps=t.adam_eps)
     opt_d = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas), eps=t.adam_eps)
-
-    # Resume from the latest complete checkpoint, if any.
+    masks = MaskManager(
+        cfg.sparse,
+        generator=G,
+        discriminator=D,
+        optimizers={"G": opt_g, "D": opt_d},
+        total_steps=t.steps,
+        seed=cfg.seed,
+        all_reduce=dist.all_reduce,
+    )
     step, position = 0, 0
+    flops = {"sparse": 0.0, "dense": 0.0}  # cumulative training FLOPs of this run and of its dense counterpart
     latest = checkpoint.load_latest(run_dir)
-    if latest is not None:
+    if latest is None:
+        masks.initialize()  # masks (and the pruned dense weights for prune_finetune) before the EMA copies G
+        ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
+    else:
         path, state = latest
         _check_resumable(cfg, state["config"], path)
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
+        ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
         ema.load_state_dict(state["ema"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         masks.load_state_dict(state["masks"])
         step, position = int(state["step"]), int(state["position"])
+        flops = {key: float(value) for key, value in state["flops"].items()}
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    # FLOPs of every weight layer per image, measured once; a step's cost then follows the masks' densities.
+    layer_flops = flops_report(
+        G,
+        D,
+        resolution=cfg.model.resolution,
+        n_classes=cfg.model.n_classes,
+        dim_z=cfg.model.dim_z,
+        batch_size=1,
+        d_steps=1,
+    )
+    dense_iteration = _iteration_flops(cfg, layer_flops, {}, {})
     G_ddp, D_ddp = dist.prepare(G), dist.prepare(D)
     stream = IndexStream(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     autocast = (
@@ -163,6 +203,7 @@ def training_loop(cfg: Config, dist: Dist) -> None:
             state = {
                 "step": step,
                 "position": position,
+                "flops": flops,
                 "G": G.state_dict(),
                 "D": D.state_dict(),
                 "ema": ema.state_dict(),
@@ -187,6 +228,7 @@ def training_loop(cfg: Config, dist: Dist) -> None:
 
         progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, desc=run_dir.name)
     sums: dict[str, torch.Tensor] = {}
+    topology: dict[str, float] = {}
     interval_start, interval_steps = time.perf_counter(), 0
 
     while step < t.steps:
@@ -236,21 +278,26 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         masks.after_step("G")
         step += 1
 
-        # Update EMA.
+        # Update EMA (sparse: masked with G's mask).
         ema.update(G, step)
+        masks.after_ema(ema.module)
 
         # Topology update.
-        topology = masks.maybe_update(step)
+        topology.update(masks.maybe_update(step))
 
         # Maintenance.
+        flops["dense"] += dense_iteration
+        flops["sparse"] += _iteration_flops(cfg, layer_flops, masks.layer_densities("G"), masks.layer_densities("D"))
         interval_steps += 1
         if step % t.log_every == 0 or step == t.steps:
             elapsed = time.perf_counter() - interval_start
-            record: dict[str, Any] = {"step": step, "images_seen": position}
+            record: dict[str, Any] = {"step": step, "images_seen": position, "train_flops": flops["sparse"]}
+            record["train_flops_vs_dense"] = flops["sparse"] / flops["dense"]
             for name, total in sums.items():
                 record[name] = float(dist.mean(total)) / (interval_steps * (t.d_steps if "d_" in name else 1))
             record["images_per_s"] = interval_steps * t.d_steps * t.batch_size / max(elapsed, 1e-9)
-            record.update(topology)
+            record.update(topology)  # the latest topology update's figures, once
+            topology = {}
             if not all(math.isfinite(v) for v in record.values()):
                 raise FloatingPointError(f"non-finite losses at step {step}: {record}")
             if dist.is_main:

@@ -21,8 +21,10 @@ def test_defaults_are_the_digits_job() -> None:
     assert cfg.model.resolution == 32 and cfg.model.n_classes == 10
 
 
-def test_shipped_digits_yaml_equals_the_defaults() -> None:
-    assert load_config("digits.yaml") == load_config()
+def test_shipped_digits_yaml_is_the_dense_defaults_made_sparse() -> None:
+    digits, defaults = load_config("digits.yaml"), load_config()
+    assert digits.model == defaults.model and digits.train == defaults.train and digits.data == defaults.data
+    assert defaults.sparse.method == "dense" and digits.sparse.method == "stu"
 
 
 @pytest.mark.parametrize("name", ["imagenet128.yaml", "imagenet128", "cifar10.yaml", "digits.yaml"])
@@ -108,6 +110,23 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         ({"train.sample_classes": 11}, "train.sample_classes (11) exceeds model.n_classes (10)"),
         ({"data.num_workers": -1}, "data.num_workers must be >= 0, got -1"),
         ({"run_dir": ""}, "run_dir must not be empty"),
+        (
+            {"sparse.method": "stu", "sparse.grow_g": "magnitude"},
+            "sparse.grow_g must be one of gradient, random, momentum",
+        ),
+        (
+            {"sparse.method": "stu", "sparse.grow_d": "hebbian"},
+            "sparse.grow_d must be one of gradient, random, momentum",
+        ),
+        ({"sparse.method": "stu", "sparse.distribution": "ERK2"}, "sparse.distribution must be uniform, ER or ERK"),
+        ({"sparse.method": "stu", "sparse.update_every": 0}, "sparse.update_every must be >= 1, got 0"),
+        ({"sparse.method": "stu", "sparse.update_end": 0}, "sparse.update_end must be in (0, 1], got 0.0"),
+        ({"sparse.method": "stu", "sparse.drop_fraction": 1.0}, "sparse.drop_fraction must be in [0, 1), got 1.0"),
+        ({"sparse.method": "stu", "sparse.explore": "G+D"}, "sparse.explore must be G, D, GD or none"),
+        ({"sparse.method": "stu", "sparse.targets": "all"}, "sparse.targets must be conv_linear or conv_only"),
+        ({"sparse.method": "gmp", "sparse.gmp_start": 0.7}, "sparse.gmp_start < sparse.gmp_end must lie in [0, 1]"),
+        ({"sparse.method": "prune_finetune"}, "sparse.method=prune_finetune needs sparse.prune_from"),
+        ({"sparse.density_g": 0.5}, "sparse.method=dense trains every weight"),
     ],
 )
 def test_bad_values_fail_with_one_line(overrides: dict, message: str) -> None:
@@ -163,8 +182,37 @@ def test_cli_print_config_and_help(tmp_path: Path) -> None:
     printed = tmp_path / "printed.yaml"
     printed.write_text(result.stdout)
     assert load_config(printed) == load_config("imagenet128.yaml", {"train.steps": 5})
+    bare = _cli("print-config", cwd=tmp_path)  # no --config: the embedded default job, digits.yaml
+    assert bare.returncode == 0
+    printed.write_text(bare.stdout)
+    assert load_config(printed) == load_config("digits.yaml")
     helped = _cli("--help", cwd=tmp_path)
     assert helped.returncode == 0
     assert "train" in helped.stdout and "print-config" in helped.stdout
     unknown = _cli("frobnicate", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown command 'frobnicate'" in unknown.stderr
+
+
+def test_base_key_layers_a_config_over_another(tmp_path: Path) -> None:
+    dense = load_config("cifar10_dense.yaml")
+    sparse = load_config("cifar10.yaml")
+    assert dense.model == sparse.model and dense.train == sparse.train
+    assert (dense.sparse.method, sparse.sparse.method) == ("dense", "stu")
+    assert (sparse.sparse.density_g, sparse.sparse.density_d) == (0.2, 0.5)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: imagenet128.yaml\ntrain:\n  steps: 9\n")
+    cfg = load_config(mine)
+    assert cfg.train.steps == 9 and cfg.model.g_ch == 96 and cfg.train.accumulation == 8
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(loop)
+
+
+def test_shipped_main_configs_train_stu_and_dense_baselines_have_a_suffix() -> None:
+    assert load_config("digits.yaml").sparse.method == "stu"
+    assert load_config("cifar10.yaml").sparse.method == "stu"
+    imagenet = load_config("imagenet128.yaml").sparse
+    assert (imagenet.method, imagenet.density_g, imagenet.density_d) == ("stu", 0.2, 0.3)
+    for name in ("cifar10_dense.yaml", "imagenet128_dense.yaml"):
+        assert load_config(name).sparse.method == "dense"

@@ -122,7 +122,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_config, tmp_path: Path, a
     train(straight)
 
     a, b = _last_state(tmp_path / "split"), _last_state(tmp_path / "straight")
-    for key in ("step", "position", "G", "D", "ema", "opt_g", "opt_d", "masks"):
+    for key in ("step", "position", "flops", "G", "D", "ema", "opt_g", "opt_d", "masks"):
         _assert_trees_equal(a[key], b[key], key)
     # The metrics log of the split run holds each step once.
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
@@ -141,7 +141,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tiny_config) -> None:
 
 def test_resume_with_another_model_is_refused(tiny_config) -> None:
     train(tiny_config(train__steps=1))
-    with pytest.raises(ConfigError, match=r"model\.g_ch: 4 in the checkpoint, 8 now"):
+    with pytest.raises(ConfigError, match=r"model\.g_ch: 4 in the checkpoint, 8 now\); use a new run_dir"):
         train(tiny_config(train__steps=2, model__g_ch=8))
 
 

@@ -1,0 +1,453 @@
+"""The mask manager: the one stateful object of sparse training, a thin shell around the pure functions.
+
+The training loop calls, per optimizer step of network ``net`` ("G" or "D")::
+
+    loss.backward(); masks.before_step(net); opt.step(); masks.after_step(net)
+
+and after each G step ``ema.update(G); masks.after_ema(ema.module); masks.maybe_update(step)``. Everything else
+(which tensors are masked, their densities, the schedule, the baselines) lives here. Nothing in this module talks
+to torch.distributed: under DDP the gradients it reads are already averaged over ranks, random growth comes from
+integer-seeded generators, and cross-rank checks go through the ``comm`` functions it is handed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sgtrain.config import ConfigError, SparseConfig
+from sgtrain.models.layers import ConditionalBatchNorm2d
+from sgtrain.sparse.distribution import active_counts, layer_densities
+from sgtrain.sparse.schedule import UpdateSchedule, gmp_density
+from sgtrain.sparse.topology import (
+    drop_and_grow,
+    drop_fraction_k,
+    layer_seed,
+    mask_checksum,
+    pack_mask,
+    random_mask,
+    random_scores,
+    unpack_mask,
+)
+
+NETWORKS = ("G", "D")
+GRAD_MOMENTUM = 0.9  # momentum growth keeps its own EMA of dense gradients (Dettmers & Zettlemoyer 2019, beta 0.9)
+
+# all_reduce(tensor, op) -> tensor reduced over ranks in place; op is "sum", "min" or "max".
+AllReduce = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def _local_all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    return tensor
+
+
+class MaskDivergenceError(RuntimeError):
+    """Ranks hold different masks: the replicas would fork silently, so the run stops."""
+
+
+def masked_parameters(module: nn.Module, targets: str) -> list[tuple[str, nn.Parameter]]:
+    """The weights sparse training masks, in module order: conv (and, for ``conv_linear``, linear) weights.
+
+    Embeddings, norm gains and biases stay dense (DESIGN.md, "Targets"); the class-conditional BN's gain and bias
+    projections are linear layers, but they produce norm gains, so they stay dense too. Under spectral norm the
+    masked tensor is the raw ``weight`` that SN normalises.
+    """
+    norm_prefixes = tuple(f"{name}." for name, m in module.named_modules() if isinstance(m, ConditionalBatchNorm2d))
+    kinds = (nn.Conv2d, nn.Linear) if targets == "conv_linear" else (nn.Conv2d,)
+    return [
+        (name, m.weight)
+        for name, m in module.named_modules()
+        if isinstance(m, kinds) and not name.startswith(norm_prefixes)
+    ]
+
+
+@dataclass
+class Layer:
+    """One masked weight tensor and its bookkeeping."""
+
+    net: str  # "G" or "D"
+    name: str  # qualified name in its network, e.g. "blocks.0.conv1"
+    index: int  # position over G's then D's layers: one of the integers seeding this layer's RNG
+    param: nn.Parameter
+    density: float  # target density from the layer-wise distribution
+    count: int  # active weights, constant over the run except under GMP / SNIP
+    mask: torch.Tensor = field(repr=False)  # bool, the weight's shape and device
+    union: torch.Tensor = field(repr=False)  # ITOP: every position ever active
+    ema_mask: torch.Tensor | None = field(default=None, repr=False)  # the mask the EMA saw last (G only)
+    score: torch.Tensor | None = field(default=None, repr=False)  # grow score captured for the coming update
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+
+class MaskManager:
+    """Masks of G and D for ``cfg.method`` in {static, stu, snip, gmp, prune_finetune} (``dense`` masks nothing)."""
+
+    def __init__(
+        self,
+        cfg: SparseConfig,
+        *,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        optimizers: dict[str, torch.optim.Optimizer],
+        total_steps: int,
+        seed: int,
+        all_reduce: AllReduce = _local_all_reduce,
+    ) -> None:
+        self.cfg = cfg
+        self.seed = seed
+        self.total_steps = total_steps
+        self.optimizers = optimizers
+        self.all_reduce = all_reduce
+        self.step = 0  # completed G steps
+        self.snip_pending = {net: cfg.method == "snip" for net in NETWORKS}
+        self.last_change: dict[str, float] = {}
+        self.ema_params: dict[str, nn.Parameter] = {}  # the EMA generator's weights, known after the first after_ema
+        self.schedule = UpdateSchedule(
+            update_every=cfg.update_every,
+            update_end=cfg.update_end,
+            drop_fraction=cfg.drop_fraction,
+            total_steps=total_steps,
+        )
+        self.explores = {
+            "G": cfg.method == "stu" and cfg.explore in ("G", "GD"),
+            "D": cfg.method == "stu" and cfg.explore in ("D", "GD"),
+        }
+        self.grow = {"G": cfg.grow_g, "D": cfg.grow_d}
+        self.target = {"G": cfg.density_g, "D": cfg.density_d}
+        self.modules = {"G": generator, "D": discriminator}
+        self.layers: dict[str, list[Layer]] = {}
+        if cfg.method == "dense":
+            self.layers = {net: [] for net in NETWORKS}
+            return
+        index = 0
+        for net in NETWORKS:
+            named = masked_parameters(self.modules[net], cfg.targets)
+            shapes = {name: tuple(p.shape) for name, p in named}
+            dense = {named[0][0], named[-1][0]} if cfg.dense_first_last else set()
+            final = layer_densities(shapes, self.target[net], kind=cfg.distribution, power=cfg.erk_power, dense=dense)
+            # SNIP and GMP start dense; the others start at their final density.
+            start_dense = cfg.method in ("snip", "gmp")
+            densities = {name: 1.0 for name in shapes} if start_dense else final
+            counts = active_counts(shapes, densities)
+            self.layers[net] = []
+            for name, p in named:
+                ones = torch.ones_like(p, dtype=torch.bool)
+                self.layers[net].append(
+                    Layer(net, name, index, p, final[name], counts[name], mask=ones, union=ones.clone())
+                )
+                index += 1
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Start of a run.
+
+    def initialize(self) -> None:
+        """Draw the initial masks of a fresh run (not called on resume, where ``load_state_dict`` restores them)."""
+        method = self.cfg.method
+        if method == "prune_finetune":
+            self._prune_dense_checkpoint()
+        elif method in ("static", "stu"):
+            for layer in self._all_layers():
+                generator = torch.Generator().manual_seed(layer_seed(self.seed, 0, layer.index))
+                layer.mask = random_mask(layer.param.shape, layer.count, generator).to(layer.param.device)
+                layer.union = layer.mask.clone()
+        for layer in self._all_layers():
+            layer.ema_mask = layer.mask.clone()
+        self._apply_masks()
+
+    def _prune_dense_checkpoint(self) -> None:
+        from sgtrain import checkpoint
+
+        source = Path(self.cfg.prune_from)  # type: ignore[arg-type] (checked by SparseConfig)
+        if source.is_dir():
+            found = checkpoint.list_checkpoints(source)
+            if not found:
+                raise ConfigError(f"sparse.prune_from: no checkpoint in {source}")
+            source = found[-1]
+        if not source.is_file():
+            raise ConfigError(f"sparse.prune_from: {source} does not exist")
+        state = checkpoint.load_checkpoint(source)
+        for net in NETWORKS:
+            try:
+                self.modules[net].load_state_dict(state[net])
+            except (KeyError, RuntimeError) as error:
+                raise ConfigError(f"sparse.prune_from: {source} does not hold this model's {net} ({error})") from None
+            layers = self.layers[net]
+            if self.cfg.prune_scope == "global":
+                # One magnitude threshold over the whole network: exactly round(density * total) survive.
+                flat = torch.cat([layer.param.detach().abs().reshape(-1) for layer in layers])
+                keep = round(self.target[net] * flat.numel())
+                order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+                chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+                chosen[order] = True
+                for layer, part in zip(layers, chosen.split([layer.numel for layer in layers]), strict=True):
+                    layer.mask = part.reshape(layer.param.shape)
+                    layer.count = int(layer.mask.sum())
+            else:
+                for layer in layers:
+                    layer.mask = _top_magnitude(layer.param, torch.ones_like(layer.mask), layer.count)
+            for layer in layers:
+                layer.union = layer.mask.clone()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Every optimizer step.
+
+    @torch.no_grad()
+    def before_step(self, net: str) -> None:
+        """Between backward and ``opt.step()``: read dense gradients for grow scores, then mask the gradients."""
+        layers = self.layers[net]
+        if not layers:
+            return
+        if self.snip_pending[net]:
+            self._snip(net)
+        # Scores only for layers an update can change: a dense layer's would never be read, yet would be carried
+        # (and checkpointed) for the rest of the run.
+        if self.explores[net] and self.schedule.is_update_step(self.step + 1):
+            mode = self.grow[net]
+            for layer in layers:
+                if mode == "gradient" and layer.param.grad is not None and layer.density < 1.0:
+                    layer.score = layer.param.grad.abs()  # the dense gradient, read before it is masked
+        if self.explores[net] and self.grow[net] == "momentum":
+            for layer in layers:
+                if layer.param.grad is None or layer.density >= 1.0:
+                    continue
+                if layer.score is None:
+                    layer.score = torch.zeros_like(layer.param)
+                layer.score.mul_(GRAD_MOMENTUM).add_(layer.param.grad, alpha=1 - GRAD_MOMENTUM)
+        for layer in layers:
+            if layer.param.grad is not None:
+                layer.param.grad.mul_(layer.mask)
+
+    @torch.no_grad()
+    def after_step(self, net: str) -> None:
+        """After ``opt.step()``: re-mask the weights (the optimizer's epsilon and any weight decay must not leak)."""
+        for layer in self.layers[net]:
+            layer.param.mul_(layer.mask)
+
+    @torch.no_grad()
+    def after_ema(self, ema_generator: nn.Module) -> None:
+        """Sparse EMA: mask the EMA with G's mask; positions that became active since the last call take G's value."""
+        if not self.layers["G"]:
+            return
+        self.ema_params = dict(ema_generator.named_parameters())
+        for layer in self.layers["G"]:
+            target = self.ema_params[f"{layer.name}.weight"]
+            new = layer.mask & ~layer.ema_mask
+            target.copy_(torch.where(new, layer.param, target * layer.mask))
+            layer.ema_mask = layer.mask.clone()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Topology changes.
+
+    @torch.no_grad()
+    def maybe_update(self, step: int) -> dict[str, float]:
+        """After G step ``step``: run the method's topology change if one is due; returns metrics to log."""
+        self.step = step
+        changed = False
+        if self.cfg.method == "stu" and self.schedule.is_update_step(step):
+            for net in NETWORKS:
+                if self.explores[net]:
+                    self._drop_and_grow(net, step)
+                    changed = True
+        elif self.cfg.method == "gmp" and self._gmp_due(step):
+            for net in NETWORKS:
+                self._gmp_prune(net, step)
+            changed = True
+        if not changed:
+            return {}
+        self._check_consistent()
+        metrics = {}
+        for net in NETWORKS:
+            metrics[f"sparse/{net}_density"] = self.density(net)
+            metrics[f"sparse/{net}_itop_rate"] = self.itop_rate(net)
+            if net in self.last_change:
+                metrics[f"sparse/{net}_mask_change"] = self.last_change[net]
+        if self.cfg.method == "stu":
+            metrics["sparse/drop_fraction"] = self.schedule.drop_fraction_at(step)
+        return metrics
+
+    def _drop_and_grow(self, net: str, step: int) -> None:
+        fraction = self.schedule.drop_fraction_at(step)
+        update = self.schedule.update_index(step)
+        swapped = active = 0
+        for layer in self.layers[net]:
+            if layer.density >= 1.0:
+                continue  # a dense layer has nothing inactive to grow
+            k = drop_fraction_k(layer.count, fraction)
+            mode = self.grow[net]
+            if mode == "random":
+                generator = torch.Generator().manual_seed(layer_seed(self.seed, update, layer.index))
+                score = random_scores(layer.param.shape, generator).to(layer.param.device)
+            elif layer.score is not None:
+                score = layer.score.abs()
+            else:  # the layer took no part in the loss, so it has no gradient: leave it as it is
+                continue
+            new_mask, dropped, grown = drop_and_grow(layer.param, layer.mask, score, k)
+            changed = dropped | grown
+            # Dropped weights leave, grown weights enter at zero, and every optimizer slot of both is cleared, so
+            # Adam's moments of a grown weight start from nothing (not from stale values of an earlier life).
+            layer.param.masked_fill_(changed, 0.0)
+            self._drop_from_ema(layer, changed)
+            _zero_optimizer_state(self.optimizers[net], layer.param, changed)
+            layer.mask = new_mask
+            layer.union |= new_mask
+            if mode == "gradient":
+                layer.score = None
+            swapped += int(grown.sum())
+            active += layer.count
+        self.last_change[net] = swapped / max(active, 1)
+
+    def _drop_from_ema(self, layer: Layer, removed: torch.Tensor) -> None:
+        """Removed G weights leave the EMA at once, so a sample or checkpoint taken right after an update already
+        uses G's new topology; grown ones still take G's value at the next ``after_ema``."""
+        if layer.net == "G" and self.ema_params:
+            self.ema_params[f"{layer.name}.weight"].masked_fill_(removed, 0.0)
+
+    def _gmp_due(self, step: int) -> bool:
+        start = round(self.cfg.gmp_start * self.total_steps)
+        end = round(self.cfg.gmp_end * self.total_steps)
+        return start <= step <= end and (step % self.cfg.update_every == 0 or step == end)
+
+    def _gmp_prune(self, net: str, step: int) -> None:
+        density = gmp_density(
+            step,
+            initial_density=1.0,
+            final_density=self.target[net],
+            start_step=round(self.cfg.gmp_start * self.total_steps),
+            end_step=round(self.cfg.gmp_end * self.total_steps),
+        )
+        layers = self.layers[net]
+        shapes = {layer.name: tuple(layer.param.shape) for layer in layers}
+        dense = {layer.name for layer in layers if layer.density >= 1.0}
+        densities = layer_densities(shapes, density, kind=self.cfg.distribution, power=self.cfg.erk_power, dense=dense)
+        counts = active_counts(shapes, densities)
+        removed = before = 0
+        for layer in layers:
+            count = min(counts[layer.name], layer.count)  # pruning only removes
+            new_mask = _top_magnitude(layer.param, layer.mask, count)
+            pruned = layer.mask & ~new_mask
+            layer.param.masked_fill_(pruned, 0.0)
+            self._drop_from_ema(layer, pruned)
+            _zero_optimizer_state(self.optimizers[net], layer.param, pruned)
+            removed += int(pruned.sum())
+            before += layer.count
+            layer.mask, layer.count = new_mask, count
+        self.last_change[net] = removed / max(before, 1)
+
+    def _snip(self, net: str) -> None:
+        """SNIP (Lee et al. 2019): keep the ``density * total`` weights of largest |w * g|, one global threshold."""
+        layers = self.layers[net]
+        scores = torch.cat(
+            [
+                (layer.param * layer.param.grad).abs().reshape(-1)
+                if layer.param.grad is not None
+                else torch.zeros(layer.numel, device=layer.param.device)
+                for layer in layers
+            ]
+        )
+        keep = round(self.target[net] * scores.numel())
+        order = torch.sort(scores, descending=True, stable=True).indices[:keep]
+        chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+        chosen[order] = True
+        for layer, part in zip(layers, chosen.split([layer.numel for layer in layers]), strict=True):
+            layer.mask = part.reshape(layer.param.shape)
+            layer.union = layer.mask.clone()
+            layer.count = int(layer.mask.sum())
+            layer.param.mul_(layer.mask)
+        self.snip_pending[net] = False
+
+    def _check_consistent(self) -> None:
+        """Stop if any rank holds a different mask (a no-op in a single process)."""
+        layers = self._all_layers()
+        if not layers:
+            return
+        sums = torch.tensor([mask_checksum(layer.mask) for layer in layers], dtype=torch.int64)
+        low, high = self.all_reduce(sums.clone(), "min"), self.all_reduce(sums.clone(), "max")
+        for layer, lo, hi in zip(layers, low.tolist(), high.tolist(), strict=True):
+            if lo != hi:
+                raise MaskDivergenceError(f"ranks hold different masks for {layer.name} after step {self.step}")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reporting and checkpoints.
+
+    def _all_layers(self) -> list[Layer]:
+        return [layer for net in NETWORKS for layer in self.layers[net]]
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for layer in self._all_layers():
+            layer.param.mul_(layer.mask)
+
+    def density(self, net: str) -> float:
+        layers = self.layers[net]
+        return sum(layer.count for layer in layers) / max(sum(layer.numel for layer in layers), 1) if layers else 1.0
+
+    def itop_rate(self, net: str) -> float:
+        """In-time over-parameterisation: the fraction of masked weights that have ever been active."""
+        layers = self.layers[net]
+        if not layers:
+            return 1.0
+        return sum(int(layer.union.sum()) for layer in layers) / sum(layer.numel for layer in layers)
+
+    def layer_densities(self, net: str) -> dict[str, float]:
+        """Current density of every masked layer of ``net`` by qualified name (for FLOPs accounting)."""
+        return {layer.name: layer.count / layer.numel for layer in self.layers[net]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, ITOP unions and the EMA's view bit-packed (1 bit per weight); dense tensors only for momentum."""
+        layers = {}
+        for layer in self._all_layers():
+            entry: dict[str, Any] = {
+                "mask": pack_mask(layer.mask.cpu()),
+                "union": pack_mask(layer.union.cpu()),
+                "count": layer.count,
+            }
+            if layer.ema_mask is not None:
+                entry["ema_mask"] = pack_mask(layer.ema_mask.cpu())
+            if layer.score is not None:
+                entry["score"] = layer.score.cpu()
+            layers[f"{layer.net}.{layer.name}"] = entry
+        return {"method": self.cfg.method, "step": self.step, "snip_pending": dict(self.snip_pending), "layers": layers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method", "dense") != self.cfg.method:
+            raise ConfigError(
+                f"the checkpoint was trained with sparse.method={state.get('method', 'dense')}, not {self.cfg.method}"
+            )
+        self.step = int(state["step"])
+        self.snip_pending = {net: bool(state["snip_pending"][net]) for net in NETWORKS}
+        saved = state["layers"]
+        expected = {f"{layer.net}.{layer.name}" for layer in self._all_layers()}
+        if set(saved) != expected:
+            raise ConfigError("the checkpoint's masks cover other layers than this model's (sparse.targets changed?)")
+        for layer in self._all_layers():
+            entry = saved[f"{layer.net}.{layer.name}"]
+            shape, device = layer.param.shape, layer.param.device
+            layer.mask = unpack_mask(entry["mask"], shape).to(device)
+            layer.union = unpack_mask(entry["union"], shape).to(device)
+            layer.count = int(entry["count"])
+            layer.ema_mask = unpack_mask(entry["ema_mask"], shape).to(device) if "ema_mask" in entry else None
+            layer.score = entry["score"].to(device) if "score" in entry else None
+
+
+def _top_magnitude(param: torch.Tensor, allowed: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` entries of largest |param| among ``allowed`` ones (ties to the lower index), as a bool mask."""
+    flat = torch.where(allowed, param.detach().abs(), torch.full_like(param, -math.inf)).reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices[:count]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=param.device)
+    mask[order] = True
+    return mask.reshape(param.shape)
+
+
+def _zero_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, where: torch.Tensor) -> None:
+    """Zero every per-element optimizer slot of ``param`` at ``where`` (Adam's exp_avg and exp_avg_sq, momentum)."""
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.masked_fill_(where, 0.0)
