@@ -165,6 +165,9 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ["--model.resolution=48"],
         ["--train.stepz=3"],
         ["train", "--config", "nope.yaml"],
+        ["--sparse.method=prune_finetune"],
+        ["--sparse.method=prune_finetune", "--sparse.prune_from=/nonexistent/dense-run"],
+        ["--sparse.grow_g=magnitude"],
     ],
 )
 def test_cli_bad_input_exits_2_before_any_work(args: list[str], tmp_path: Path) -> None:
