@@ -236,12 +236,17 @@ class MaskManager:
         """Sparse EMA: mask the EMA with G's mask; positions that became active since the last call take G's value."""
         if not self.layers["G"]:
             return
-        self.ema_params = dict(ema_generator.named_parameters())
+        if not self.ema_params:
+            self.ema_params = dict(ema_generator.named_parameters())
         for layer in self.layers["G"]:
+            # Masks are replaced, never edited in place, so identity means "unchanged since the EMA last saw it".
+            # Then there is nothing to do: inactive weights are 0 in G and in the EMA, and the EMA's lerp keeps 0.
+            if layer.ema_mask is layer.mask:
+                continue
             target = self.ema_params[f"{layer.name}.weight"]
             new = layer.mask & ~layer.ema_mask
             target.copy_(torch.where(new, layer.param, target * layer.mask))
-            layer.ema_mask = layer.mask.clone()
+            layer.ema_mask = layer.mask
 
     # ----------------------------------------------------------------------------------------------------------------
     # Topology changes.
