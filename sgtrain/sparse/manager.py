@@ -82,6 +82,13 @@ class Layer:
     ema_mask: torch.Tensor | None = field(default=None, repr=False)  # the mask the EMA saw last (G only)
     score: torch.Tensor | None = field(default=None, repr=False)  # grow score captured for the coming update
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "mask":
+            # The per-step multiplies use a float copy: multiplying by a bool tensor makes a temporary float copy of
+            # it on every call (CPU), which cost more than the multiply itself. Masks are replaced, never edited.
+            super().__setattr__("fmask", value.to(self.param.dtype))
+
     @property
     def numel(self) -> int:
         return self.param.numel()
@@ -221,15 +228,16 @@ class MaskManager:
                 if layer.score is None:
                     layer.score = torch.zeros_like(layer.param)
                 layer.score.mul_(GRAD_MOMENTUM).add_(layer.param.grad, alpha=1 - GRAD_MOMENTUM)
-        for layer in layers:
-            if layer.param.grad is not None:
-                layer.param.grad.mul_(layer.mask)
+        with_grad = [layer for layer in layers if layer.param.grad is not None]
+        if with_grad:
+            torch._foreach_mul_([layer.param.grad for layer in with_grad], [layer.fmask for layer in with_grad])
 
     @torch.no_grad()
     def after_step(self, net: str) -> None:
         """After ``opt.step()``: re-mask the weights (the optimizer's epsilon and any weight decay must not leak)."""
-        for layer in self.layers[net]:
-            layer.param.mul_(layer.mask)
+        layers = self.layers[net]
+        if layers:
+            torch._foreach_mul_([layer.param for layer in layers], [layer.fmask for layer in layers])
 
     @torch.no_grad()
     def after_ema(self, ema_generator: nn.Module) -> None:
@@ -291,7 +299,7 @@ class MaskManager:
                 generator = torch.Generator().manual_seed(layer_seed(self.seed, update, layer.index))
                 score = random_scores(layer.param.shape, generator).to(layer.param.device)
             elif layer.score is not None:
-                score = layer.score.abs()
+                score = layer.score if mode == "gradient" else layer.score.abs()  # gradient scores are |grad| already
             else:  # the layer took no part in the loss, so it has no gradient: leave it as it is
                 continue
             new_mask, dropped, grown = drop_and_grow(layer.param, layer.mask, score, k)

@@ -1,0 +1,588 @@
+"""What sparse training costs on top of dense training, measured on this machine's CPU.
+
+Three measurements, each printed as a table (and written to JSON with ``--json``):
+
+1. **Sparse vs dense training iteration** of the CIFAR-10 BigGAN (``cifar10.yaml``: G density 0.2, D density 0.5,
+   against ``cifar10_dense.yaml``). One iteration is ``d_steps`` D steps and one G step exactly as in
+   ``sgtrain/train.py`` (masking, EMA, ``maybe_update``), between topology updates. Dense and sparse iterations are
+   interleaved so that drift in the machine's speed hits both alike.
+2. **Mask enforcement alone**: ``before_step``/``after_step`` of G and D against a naive state-dict round trip
+   (copy the whole ``state_dict``, multiply the masked weights in the copy, ``load_state_dict`` it back; the same
+   for the gradients).
+3. **Topology update vs a training iteration** of the ImageNet-128 BigGAN: one ``maybe_update`` at an update step
+   with G (gradient growth) and D (random growth) both exploring, against a training iteration measured at a small
+   batch and extrapolated, clearly labelled, to the config's global batch.
+
+The masks are dense bool tensors multiplied into dense weights, so sparse training costs the dense FLOPs plus the
+masking: the overhead measured here is that of the masks, not a speed-up from sparsity.
+
+Usage (from the repository root)::
+
+    python benchmarks/sparse_overhead.py                                # default, ~10 minutes on 2 CPU cores
+    python benchmarks/sparse_overhead.py --quick                        # fewer repeats, ~3 minutes
+    python benchmarks/sparse_overhead.py --batch 50 --d-steps 4         # the paper's full CIFAR-10 iteration
+    python benchmarks/sparse_overhead.py --json results.json            # also write every figure as JSON
+
+This is a benchmark: it prints figures and never asserts timings. It does check that what it times is what it
+claims (same initial weights, really sparse masks, both networks changed by the update) and stops otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sgtrain.config import Config, load_config
+from sgtrain.ema import EMA
+from sgtrain.flops import config_flops, format_flops
+from sgtrain.losses import d_hinge, g_hinge
+from sgtrain.models import Discriminator, Generator
+from sgtrain.sparse import MaskManager
+from sgtrain.train import build_models, step_generator
+
+THREADS = 2  # the benchmark machine's cores; fixed so that figures from different machines compare like for like
+NETWORKS = ("G", "D")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing and statistics.
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one call. CPU only: every kernel has finished when ``fn`` returns, so no sync is needed."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def summary(seconds: list[float]) -> dict[str, Any]:
+    """Median and interquartile range of a list of timings (seconds), plus the raw values for the JSON."""
+    if len(seconds) >= 2:
+        q1, _, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
+    else:
+        q1 = q3 = seconds[0]
+    return {"median_s": statistics.median(seconds), "iqr_s": q3 - q1, "n": len(seconds), "all_s": seconds}
+
+
+def fmt_time(seconds: float) -> str:
+    """Seconds in the unit that keeps three significant digits readable: ``0.0123 -> "12.3 ms"``."""
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def stat_row(label: str, stats: dict[str, Any]) -> str:
+    """One table row: label, median, IQR and number of timings of a :func:`summary`."""
+    return f"   {label:<42}{fmt_time(stats['median_s']):>10}  IQR {fmt_time(stats['iqr_s'])}  n {stats['n']}"
+
+
+def progress(message: str) -> None:
+    # Progress goes to stderr so that stdout holds only the tables.
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One training run in memory: models, optimizers, masks, EMA and a fixed batch of "real" images.
+
+
+@dataclass
+class Run:
+    cfg: Config
+    G: Generator
+    D: Discriminator
+    opt_g: torch.optim.Adam
+    opt_d: torch.optim.Adam
+    masks: MaskManager
+    ema: EMA
+    real: torch.Tensor  # [B, 3, R, R] in [-1, 1]: stands in for a data batch (the data pipeline is not timed)
+    y_real: torch.Tensor  # [B]
+    step: int = 0  # completed G steps
+
+
+def build_run(cfg: Config) -> Run:
+    """Set up a run as ``training_loop`` does for a fresh start on one process (no DDP wrapper, no data stream)."""
+    t = cfg.train
+    G, D = build_models(cfg)
+    opt_g = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas), eps=t.adam_eps)
+    opt_d = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas), eps=t.adam_eps)
+    masks = MaskManager(
+        cfg.sparse,
+        generator=G,
+        discriminator=D,
+        optimizers={"G": opt_g, "D": opt_d},
+        total_steps=t.steps,
+        seed=cfg.seed,
+    )
+    masks.initialize()
+    ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
+    # Fixed, seeded images: dense and sparse runs see the same "data".
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    side, batch = cfg.model.resolution, t.batch_size
+    real = torch.rand(batch, 3, side, side, generator=generator) * 2 - 1
+    y_real = torch.randint(cfg.model.n_classes, (batch,), generator=generator)
+    return Run(cfg, G, D, opt_g, opt_d, masks, ema, real, y_real)
+
+
+def train_iteration(run: Run) -> None:
+    """One G iteration: ``d_steps`` D steps, one G step, EMA, ``maybe_update``; the same sections as ``train.py``.
+
+    Single process, no accumulation and no autocast, so ``G_ddp`` is ``G`` and ``no_sync`` is a no-op. The step is
+    advanced past update steps: this measures the steady state between topology updates.
+    """
+    cfg, G, D, masks = run.cfg, run.G, run.D, run.masks
+    t, micro = cfg.train, cfg.train.batch_size
+    step = run.step + 1
+    while masks.schedule.is_update_step(step):
+        step += 1
+    rng = step_generator(cfg.seed, 0, step)  # the same latents for the dense and the sparse run at this step
+
+    def latents() -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(micro, cfg.model.dim_z, generator=rng)
+        return z, torch.randint(cfg.model.n_classes, (micro,), generator=rng)
+
+    # Update discriminator.
+    G.train()
+    D.train()
+    for _ in range(t.d_steps):
+        run.opt_d.zero_grad(set_to_none=True)
+        z, y_fake = latents()
+        with torch.no_grad():
+            fake = G(z, y_fake)
+        logits = D(torch.cat([run.real, fake]), torch.cat([run.y_real, y_fake]))
+        loss_real, loss_fake = d_hinge(logits[:micro], logits[micro:])
+        (loss_real + loss_fake).backward()
+        masks.before_step("D")
+        run.opt_d.step()
+        masks.after_step("D")
+
+    # Update generator: D frozen, so its weight gradients are not computed.
+    D.requires_grad_(False)
+    run.opt_g.zero_grad(set_to_none=True)
+    z, y = latents()
+    g_hinge(D(G(z, y), y)).backward()
+    D.requires_grad_(True)
+    masks.before_step("G")
+    run.opt_g.step()
+    masks.after_step("G")
+
+    # Update EMA (sparse: masked with G's mask).
+    run.ema.update(G, step)
+    masks.after_ema(run.ema.module)
+
+    # Topology update: never due here (see above), but the call is part of every iteration.
+    if masks.maybe_update(step):
+        raise RuntimeError(f"step {step} ran a topology update; this benchmark times the steps between them")
+    run.step = step
+
+
+def check_same_init(a: Config, b: Config) -> None:
+    """Stop unless two configs build bit-identical G and D: dense and sparse must start from the same weights."""
+    (g_a, d_a), (g_b, d_b) = build_models(a), build_models(b)
+    for x, y in ((g_a, g_b), (d_a, d_b)):
+        for (name, p), (_, q) in zip(x.state_dict().items(), y.state_dict().items(), strict=True):
+            if not torch.equal(p, q):
+                raise RuntimeError(f"dense and sparse runs start from different weights ({name})")
+
+
+def density(masks: MaskManager, net: str) -> float:
+    """Measured fraction of non-zero masked weights of ``net`` (1.0 for a dense run, which masks nothing)."""
+    layers = masks.layers[net]
+    if not layers:
+        return 1.0
+    return sum(int(layer.param.count_nonzero()) for layer in layers) / sum(layer.numel for layer in layers)
+
+
+def fill_fake_grads(module: nn.Module, generator: torch.Generator) -> None:
+    """Dense random gradients in every parameter's ``.grad``, as a backward pass leaves them (values do not matter)."""
+    for p in module.parameters():
+        p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. Sparse vs dense training iteration (CIFAR-10).
+
+
+def bench_iteration(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {"train.batch_size": args.batch, "train.d_steps": args.d_steps}
+    cfg_sparse = load_config("cifar10.yaml", overrides)
+    cfg_dense = load_config("cifar10_dense.yaml", overrides)
+    check_same_init(cfg_sparse, cfg_dense)
+    runs = {"dense": build_run(cfg_dense), "sparse": build_run(cfg_sparse)}
+    densities = {name: {net: density(run.masks, net) for net in NETWORKS} for name, run in runs.items()}
+    if densities["sparse"]["G"] > 0.5 or densities["dense"]["G"] < 1.0:
+        raise RuntimeError(f"the sparse run is not sparse or the dense run not dense: {densities}")
+    flops = config_flops(cfg_sparse)["train_iteration"]
+
+    progress(f"CIFAR-10 iteration: warm-up {args.warmup} + {args.repeats} interleaved rounds")
+    for _ in range(args.warmup):  # first steps allocate Adam's state and warm the allocator's caches
+        for run in runs.values():
+            train_iteration(run)
+    gc.collect()
+    times: dict[str, list[float]] = {"dense": [], "sparse": []}
+    for i in range(args.repeats):
+        # ABAB... with the order flipped every round, so neither side always runs on the other's warm caches.
+        order = ("dense", "sparse") if i % 2 == 0 else ("sparse", "dense")
+        for name in order:
+            times[name].append(timed(lambda run=runs[name]: train_iteration(run)))
+    stats = {name: summary(values) for name, values in times.items()}
+    ratios = [s / d for s, d in zip(times["sparse"], times["dense"], strict=True)]
+    return {
+        "config": "cifar10.yaml vs cifar10_dense.yaml",
+        "batch_size": args.batch,
+        "d_steps": args.d_steps,
+        "measured_density": densities,
+        "dense_iteration_flops": flops["dense"],
+        "dense": stats["dense"],
+        "sparse": stats["sparse"],
+        "overhead_pct": 100 * (stats["sparse"]["median_s"] / stats["dense"]["median_s"] - 1),
+        # The median of per-round ratios: robust to the machine drifting between rounds.
+        "overhead_paired_pct": 100 * (statistics.median(ratios) - 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. Mask enforcement alone (CIFAR-10 G and D).
+
+
+def naive_mask_grads(module: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Gradients through a dict round trip: copy every gradient, multiply the masked ones, copy them all back."""
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    for name, mask in masks.items():
+        grads[name] = grads[name] * mask
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                p.grad.copy_(grads[name])
+
+
+def naive_mask_weights(module: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Weights through a state-dict round trip: copy the whole state_dict, multiply the masked weights, load it back."""
+    state = {key: value.clone() for key, value in module.state_dict().items()}
+    for name, mask in masks.items():
+        state[name] = state[name] * mask
+    module.load_state_dict(state)
+
+
+def bench_enforcement(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_config("cifar10.yaml", {"train.batch_size": args.batch, "train.d_steps": args.d_steps})
+    run = build_run(cfg)
+    masks, modules = run.masks, {"G": run.G, "D": run.D}
+    if masks.schedule.is_update_step(masks.step + 1):
+        raise RuntimeError("before_step would capture grow scores here; pick a step between updates")
+    by_name = {net: {f"{layer.name}.weight": layer.mask for layer in masks.layers[net]} for net in NETWORKS}
+    generator = torch.Generator().manual_seed(0)
+    for module in modules.values():
+        fill_fake_grads(module, generator)
+
+    def manager() -> None:
+        for net in NETWORKS:
+            masks.before_step(net)
+            masks.after_step(net)
+
+    def naive() -> None:
+        for net in NETWORKS:
+            naive_mask_grads(modules[net], by_name[net])
+            naive_mask_weights(modules[net], by_name[net])
+
+    # Both must leave the same tensors: refill the gradients, run one, snapshot, refill, run the other, compare.
+    results = []
+    for fn in (manager, naive):
+        for module in modules.values():
+            fill_fake_grads(module, torch.Generator().manual_seed(1))
+        fn()
+        results.append([t.clone() for m in modules.values() for p in m.parameters() for t in (p, p.grad)])
+    if not all(torch.equal(a, b) for a, b in zip(*results, strict=True)):
+        raise RuntimeError("the naive masking and the manager's masking disagree")
+
+    progress(f"mask enforcement: {args.enforce_repeats} interleaved rounds")
+    for _ in range(3):
+        manager()
+        naive()
+    gc.collect()
+    times: dict[str, list[float]] = {"manager": [], "naive": []}
+    for i in range(args.enforce_repeats):
+        order = (("manager", manager), ("naive", naive))
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            times[name].append(timed(fn))
+    stats = {name: summary(values) for name, values in times.items()}
+    masked = sum(layer.numel for net in NETWORKS for layer in masks.layers[net])
+    total = sum(p.numel() for m in modules.values() for p in m.parameters())
+    return {
+        "config": "cifar10.yaml",
+        "calls": "before_step(G) + after_step(G) + before_step(D) + after_step(D)",
+        "masked_weights": masked,
+        "parameters": total,
+        "manager": stats["manager"],
+        "naive_state_dict": stats["naive"],
+        "speedup": stats["naive"]["median_s"] / stats["manager"]["median_s"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. Topology update vs a training iteration (ImageNet-128).
+
+# N(0, 0.02) builds in a fraction of ortho's time (a QR per layer of a 158M-parameter model) and leaves every timed
+# operation unchanged: the update's cost depends on shapes and counts, not on the weights' values.
+IMAGENET_OVERRIDES = {"model.init": "N02"}
+
+
+def bench_topology(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_config(
+        "imagenet128.yaml",
+        {**IMAGENET_OVERRIDES, "sparse.explore": "GD", "sparse.grow_g": "gradient", "sparse.grow_d": "random"},
+    )
+    progress("ImageNet-128 topology update: building G and D")
+    G, D = build_models(cfg)
+    optimizers = {
+        "G": torch.optim.Adam(G.parameters(), lr=cfg.train.g_lr, betas=tuple(cfg.train.betas)),
+        "D": torch.optim.Adam(D.parameters(), lr=cfg.train.d_lr, betas=tuple(cfg.train.betas)),
+    }
+    masks = MaskManager(
+        cfg.sparse, generator=G, discriminator=D, optimizers=optimizers, total_steps=cfg.train.steps, seed=cfg.seed
+    )
+    masks.initialize()
+    modules = {"G": G, "D": D}
+    generator = torch.Generator().manual_seed(0)
+    # One masked optimizer step so that Adam holds its moments: the update clears them for every swapped weight.
+    for net in NETWORKS:
+        fill_fake_grads(modules[net], generator)
+        masks.before_step(net)
+        optimizers[net].step()
+        masks.after_step(net)
+
+    every = cfg.sparse.update_every
+    capture, update, changes = [], [], []
+    for i in range(args.update_repeats):
+        step = (i + 1) * every
+        progress(f"ImageNet-128 topology update {i + 1}/{args.update_repeats} at G step {step}")
+        for module in modules.values():
+            fill_fake_grads(module, generator)
+        masks.step = step - 1  # as after G step ``step - 1``: the coming G step's before_step reads the scores
+        if not masks.schedule.is_update_step(masks.step + 1):
+            raise RuntimeError(f"step {step} is not an update step of the schedule")
+        gc.collect()
+        # D's before_step comes first in an iteration; only G reads scores (gradient growth), D grows at random.
+        start = time.perf_counter()
+        for net in ("D", "G"):
+            masks.before_step(net)
+        capture.append(time.perf_counter() - start)
+        before = {net: [layer.mask.clone() for layer in masks.layers[net]] for net in NETWORKS}
+        start = time.perf_counter()
+        metrics = masks.maybe_update(step)
+        update.append(time.perf_counter() - start)
+        for net in NETWORKS:
+            if all(torch.equal(a, layer.mask) for a, layer in zip(before[net], masks.layers[net], strict=True)):
+                raise RuntimeError(f"the update at step {step} left {net}'s masks unchanged")
+        changes.append(metrics)
+    weights = {net: sum(layer.numel for layer in masks.layers[net]) for net in NETWORKS}
+    return {
+        "config": "imagenet128.yaml, model.init=N02, sparse.explore=GD (G gradient growth, D random growth)",
+        "masked_weights": weights,
+        "drop_fraction": changes[0].get("sparse/drop_fraction"),
+        "metrics": changes,
+        "score_capture": summary(capture),
+        "maybe_update": summary(update),
+    }
+
+
+def bench_imagenet_iteration(args: argparse.Namespace, global_batch_update: float) -> dict[str, Any]:
+    """A sparse ImageNet-128 iteration at two small batches, extrapolated to the config's global batch."""
+    base = load_config("imagenet128.yaml", IMAGENET_OVERRIDES)
+    global_batch = base.train.batch_size
+    batches = sorted(set(args.imagenet_batches))
+    times: dict[int, dict[str, Any]] = {}
+    for batch in batches:
+        cfg = load_config(
+            "imagenet128.yaml",
+            {**IMAGENET_OVERRIDES, "train.batch_size": batch, "train.accumulation": 1, "train.d_steps": 1},
+        )
+        progress(f"ImageNet-128 iteration at batch {batch}: building")
+        run = build_run(cfg)
+        progress(f"ImageNet-128 iteration at batch {batch}: warm-up 1 + {args.imagenet_repeats} timed")
+        train_iteration(run)
+        gc.collect()
+        times[batch] = summary([timed(lambda run=run: train_iteration(run)) for _ in range(args.imagenet_repeats)])
+        del run
+        gc.collect()
+    flops_per_image = config_flops(base)["train_iteration"]["dense"] / global_batch
+    out: dict[str, Any] = {
+        "config": "imagenet128.yaml (sparse STU: G 0.2 / D 0.3), model.init=N02, accumulation 1, d_steps 1",
+        "global_batch": global_batch,
+        "measured": {str(b): times[b] for b in batches},
+        "dense_flops_per_image": flops_per_image,
+    }
+    small = batches[0]
+    t_small = times[small]["median_s"]
+    # Proportional: every second of the small iteration scales with the batch, fixed costs (optimizer step, SN power
+    # iterations, masking, EMA) included, so it overstates the big iteration and understates the update's share.
+    out["extrapolated_proportional_s"] = t_small * global_batch / small
+    if len(batches) >= 2:
+        # Linear fit through the smallest and largest batch: a fixed part plus a per-image part, the FLOPs' shape.
+        large = batches[-1]
+        per_image = (times[large]["median_s"] - t_small) / (large - small)
+        fixed = t_small - per_image * small
+        out["fit_fixed_s"] = fixed
+        out["fit_per_image_s"] = per_image
+        out["extrapolated_linear_s"] = fixed + per_image * global_batch
+    best = out.get("extrapolated_linear_s", out["extrapolated_proportional_s"])
+    out["extrapolated_s"] = best
+    out["update_vs_iteration"] = global_batch_update / best
+    every = base.sparse.update_every
+    out["update_every"] = every
+    out["amortized_update_pct"] = 100 * global_batch_update / (every * best)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Report.
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def print_report(result: dict[str, Any]) -> None:
+    meta = result["meta"]
+    print(f"sgtrain sparse overhead   {meta['date']}")
+    print(f"torch {meta['torch']}, {meta['threads']} threads, CPU {meta['cpu_model']} ({meta['cpus']} logical)")
+    print(f"load average (1 min) {meta['load_avg_start'][0]:.2f} at start, {meta['load_avg_end'][0]:.2f} at end")
+
+    it = result["iteration"]
+    full = " (the paper's full iteration)" if (it["batch_size"], it["d_steps"]) == (50, 4) else ""
+    print()
+    print(
+        f"1. CIFAR-10 BigGAN training iteration, sparse vs dense: batch {it['batch_size']}, {it['d_steps']} D step(s)"
+    )
+    print(f"   per G step{full}; the paper's recipe is batch 50 with 4 D steps (--batch 50 --d-steps 4).")
+    print(f"   dense FLOPs per iteration {format_flops(it['dense_iteration_flops'])}; steps between topology updates.")
+    dens = it["measured_density"]
+    print(f"   {'':<8}{'G density':>10}{'D density':>10}{'median':>12}{'IQR':>12}{'n':>5}")
+    for name in ("dense", "sparse"):
+        s = it[name]
+        row = f"{dens[name]['G']:>10.3f}{dens[name]['D']:>10.3f}{fmt_time(s['median_s']):>12}"
+        print(f"   {name:<8}{row}{fmt_time(s['iqr_s']):>12}{s['n']:>5}")
+    print(
+        f"   overhead sparse/dense - 1: {it['overhead_pct']:+.1f}% (medians), "
+        f"{it['overhead_paired_pct']:+.1f}% (median of paired rounds)"
+    )
+
+    en = result["enforcement"]
+    print()
+    print(
+        f"2. Mask enforcement alone, CIFAR-10 G + D: {en['masked_weights'] / 1e6:.2f}M masked weights of "
+        f"{en['parameters'] / 1e6:.2f}M parameters, gradients present"
+    )
+    print(f"   timed: {en['calls']}")
+    print(f"   {'':<38}{'median':>12}{'IQR':>12}{'n':>5}")
+    for key, label in (("manager", "MaskManager"), ("naive_state_dict", "naive state_dict round trip")):
+        s = en[key]
+        print(f"   {label:<38}{fmt_time(s['median_s']):>12}{fmt_time(s['iqr_s']):>12}{s['n']:>5}")
+    share = 100 * en["manager"]["median_s"] / it["sparse"]["median_s"]
+    print(f"   speed-up {en['speedup']:.1f}x; the manager's masking is {share:.1f}% of a sparse iteration above")
+    print("   (with d_steps > 1, D's pair of calls runs once per D step)")
+
+    tp, im = result["topology"], result["imagenet_iteration"]
+    print()
+    print("3. ImageNet-128 BigGAN: topology update vs training iteration")
+    mw = tp["masked_weights"]
+    print(f"   {tp['config']}; masked weights G {mw['G'] / 1e6:.1f}M, D {mw['D'] / 1e6:.1f}M")
+    print(f"   drop fraction {tp['drop_fraction']:.3f} (at the first update; cosine-decayed from 0.5)")
+    for key, label in (("score_capture", "before_step at an update step (scores)"), ("maybe_update", "maybe_update")):
+        print(stat_row(label, tp[key]))
+    print(f"   sparse training iteration ({im['config']}):")
+    for batch, s in im["measured"].items():
+        print(stat_row(f"  measured at batch {batch}", s))
+    gb = im["global_batch"]
+    print(f"   EXTRAPOLATED to the config's global batch {gb} on this CPU (FLOPs scale linearly with the batch):")
+    if "extrapolated_linear_s" in im:
+        print(
+            f"   {'  linear fit (fixed + per image)':<42}{fmt_time(im['extrapolated_linear_s']):>10}"
+            f"  ({fmt_time(im['fit_fixed_s'])} + {fmt_time(im['fit_per_image_s'])} x {gb})"
+        )
+    print(f"   {'  proportional to the smallest batch':<42}{fmt_time(im['extrapolated_proportional_s']):>10}")
+    print(
+        f"   one update = {100 * im['update_vs_iteration']:.2f}% of one extrapolated iteration; every "
+        f"{im['update_every']} G steps that is {im['amortized_update_pct']:.2g}% of training time"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed CIFAR-10 iterations per side (default 40, --quick 8)"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="CIFAR-10 batch (paper: 50; default 8 to fit a CPU)")
+    parser.add_argument("--d-steps", type=int, default=1, help="D steps per G step (paper: 4; default 1)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats everywhere (~3 minutes)")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.d_steps < 1:
+        parser.error("--batch and --d-steps must be >= 1")
+    # Repeat counts sized so that the default run takes ~10 minutes on 2 cores and --quick ~3.
+    args.warmup = 2 if args.quick else 3
+    args.repeats = args.repeats or (8 if args.quick else 40)
+    args.enforce_repeats = 20 if args.quick else 60
+    args.update_repeats = 1 if args.quick else 3
+    args.imagenet_batches = [2, 4] if args.quick else [2, 8]
+    args.imagenet_repeats = 1 if args.quick else 3
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    result: dict[str, Any] = {
+        "meta": {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_model": cpu_model(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "load_avg_start": list(os.getloadavg()),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        }
+    }
+    result["iteration"] = bench_iteration(args)
+    result["enforcement"] = bench_enforcement(args)
+    result["topology"] = bench_topology(args)
+    result["imagenet_iteration"] = bench_imagenet_iteration(args, result["topology"]["maybe_update"]["median_s"])
+    result["meta"]["load_avg_end"] = list(os.getloadavg())
+    result["meta"]["wall_s"] = time.perf_counter() - start
+    print_report(result)
+    print(f"\n(total wall time {result['meta']['wall_s']:.0f} s)")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
