@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from sgtrain.config import Config, load_config
 
@@ -32,3 +33,27 @@ def tiny_config(tmp_path: Path):
         return load_config(None, values)
 
     return make
+
+
+def _assert_trees_equal(a: Any, b: Any, where: str = "") -> None:
+    """Bit-for-bit equality of nested dicts/lists of tensors and plain values."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_trees_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_trees_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"tensors differ at {where}"
+    else:
+        assert a == b, where
+
+
+@pytest.fixture
+def assert_trees_equal():
+    """``assert_trees_equal(a, b, where="")``: bit-for-bit equality of checkpoint-like trees."""
+    return _assert_trees_equal

@@ -760,23 +760,9 @@ def _final_state(run_dir: Path) -> dict[str, Any]:
     return checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[-1])
 
 
-def _assert_trees_equal(a: Any, b: Any, where: str = "") -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_trees_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_trees_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"tensors differ at {where}"
-    else:
-        assert a == b, where
-
-
-def _split_equals_straight(make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int) -> dict:
+def _split_equals_straight(
+    make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int, assert_trees_equal: Any
+) -> dict:
     """Train ``steps`` straight, and again killed right after the halfway checkpoint then resumed."""
     half = steps // 2
     train(make(tmp_path / "straight"))
@@ -801,7 +787,7 @@ def _split_equals_straight(make: Any, tmp_path: Path, monkeypatch: pytest.Monkey
     a, b = _final_state(tmp_path / "split"), _final_state(tmp_path / "straight")
     assert a["step"] == b["step"] == steps
     for key in ("position", "G", "D", "ema", "opt_g", "opt_d", "masks", "rng"):
-        _assert_trees_equal(a[key], b[key], key)
+        assert_trees_equal(a[key], b[key], key)
     # Not vacuous: the topology changed after the resume.
     before = halfway["masks"]["layers"]
     changed = [k for k, e in a["masks"]["layers"].items() if not torch.equal(e["mask"], before[k]["mask"])]
@@ -820,7 +806,7 @@ def _split_equals_straight(make: Any, tmp_path: Path, monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("grow_g", ["gradient", "momentum"])
 def test_tiny_stu_run_killed_and_resumed_equals_uninterrupted(
-    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grow_g: str
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grow_g: str, assert_trees_equal
 ) -> None:
     def make(run_dir: Path) -> Config:
         return tiny_config(
@@ -837,11 +823,11 @@ def test_tiny_stu_run_killed_and_resumed_equals_uninterrupted(
             sparse__update_end=1.0,  # updates at 2, 4, 6 (and a no-op at 8): one after the resume at 4
         )
 
-    _split_equals_straight(make, tmp_path, monkeypatch, steps=8)
+    _split_equals_straight(make, tmp_path, monkeypatch, 8, assert_trees_equal)
 
 
 def test_default_config_sparse_run_resumed_halfway_ends_with_the_same_masks_and_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, assert_trees_equal
 ) -> None:
     # The acceptance point: the default config (g_ch 8) at G 20% / D 30%, resumed halfway.
     def make(run_dir: Path) -> Config:
@@ -860,7 +846,7 @@ def test_default_config_sparse_run_resumed_halfway_ends_with_the_same_masks_and_
             },
         )
 
-    final = _split_equals_straight(make, tmp_path, monkeypatch, steps=10)
+    final = _split_equals_straight(make, tmp_path, monkeypatch, 10, assert_trees_equal)
     G, D = build_models(make(tmp_path / "x"))
     for net, module in (("G", G), ("D", D)):
         masked = masked_parameters(module, "conv_linear")

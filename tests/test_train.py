@@ -22,24 +22,6 @@ def _last_state(run_dir: Path) -> dict:
     return checkpoint.load_checkpoint(path)
 
 
-def _assert_trees_equal(a, b, where: str = "") -> None:
-    """Bit-for-bit equality of nested dicts/lists of tensors and plain values."""
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_trees_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_trees_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"tensors differ at {where}"
-    else:
-        assert a == b, where
-
-
 def test_one_step_changes_g_d_and_ema_as_expected(tiny_config) -> None:
     cfg = tiny_config(train__steps=1, train__d_steps=2, train__ema_start=0, train__ema_decay=0.9)
     G0, D0 = build_models(cfg)
@@ -66,11 +48,11 @@ def test_one_step_changes_g_d_and_ema_as_expected(tiny_config) -> None:
         assert torch.equal(state["ema"][name], state["G"][name]), name
 
 
-def test_ema_copies_g_before_its_start(tiny_config) -> None:
+def test_ema_copies_g_before_its_start(tiny_config, assert_trees_equal) -> None:
     cfg = tiny_config(train__steps=2, train__ema_start=10)
     train(cfg)
     state = _last_state(Path(cfg.run_dir))
-    _assert_trees_equal(state["ema"], state["G"])
+    assert_trees_equal(state["ema"], state["G"])
 
 
 def test_run_directory_contents(tiny_config) -> None:
@@ -94,23 +76,25 @@ def test_last_k_checkpoints_kept(tiny_config) -> None:
     assert leftovers == []
 
 
-def test_save_load_round_trip_is_identical(tiny_config, tmp_path: Path) -> None:
+def test_save_load_round_trip_is_identical(tiny_config, tmp_path: Path, assert_trees_equal) -> None:
     cfg = tiny_config(train__steps=2)
     train(cfg)
     state = _last_state(Path(cfg.run_dir))
     checkpoint.save_checkpoint(tmp_path / "copy", 99, state, keep=1)
     again = checkpoint.load_checkpoint(checkpoint.list_checkpoints(tmp_path / "copy")[-1])
-    _assert_trees_equal(state, again)
+    assert_trees_equal(state, again)
     # And through the modules: loading the state into fresh models gives back the same tensors.
     G, D = build_models(cfg)
     G.load_state_dict(state["G"])
     D.load_state_dict(state["D"])
-    _assert_trees_equal(G.state_dict(), state["G"])
-    _assert_trees_equal(D.state_dict(), state["D"])
+    assert_trees_equal(G.state_dict(), state["G"])
+    assert_trees_equal(D.state_dict(), state["D"])
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_stopped_and_resumed_equals_uninterrupted(tiny_config, tmp_path: Path, accumulation: int) -> None:
+def test_stopped_and_resumed_equals_uninterrupted(
+    tiny_config, tmp_path: Path, accumulation: int, assert_trees_equal
+) -> None:
     n = 3
     common = {"train__d_steps": 2, "train__accumulation": accumulation, "train__ema_start": 1}
     split = tiny_config(tmp_path / "split", train__steps=n, **common)
@@ -123,7 +107,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_config, tmp_path: Path, a
 
     a, b = _last_state(tmp_path / "split"), _last_state(tmp_path / "straight")
     for key in ("step", "position", "flops", "G", "D", "ema", "opt_g", "opt_d", "masks"):
-        _assert_trees_equal(a[key], b[key], key)
+        assert_trees_equal(a[key], b[key], key)
     # The metrics log of the split run holds each step once.
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 2 * n + 1))

@@ -189,14 +189,7 @@ class MaskManager:
             layers = self.layers[net]
             if self.cfg.prune_scope == "global":
                 # One magnitude threshold over the whole network: exactly round(density * total) survive.
-                flat = torch.cat([layer.param.detach().abs().reshape(-1) for layer in layers])
-                keep = round(self.target[net] * flat.numel())
-                order = torch.sort(flat, descending=True, stable=True).indices[:keep]
-                chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-                chosen[order] = True
-                for layer, part in zip(layers, chosen.split([layer.numel for layer in layers]), strict=True):
-                    layer.mask = part.reshape(layer.param.shape)
-                    layer.count = int(layer.mask.sum())
+                _keep_global_top(layers, [layer.param.detach().abs() for layer in layers], self.target[net])
             else:
                 for layer in layers:
                     layer.mask = _top_magnitude(layer.param, torch.ones_like(layer.mask), layer.count)
@@ -357,22 +350,13 @@ class MaskManager:
     def _snip(self, net: str) -> None:
         """SNIP (Lee et al. 2019): keep the ``density * total`` weights of largest |w * g|, one global threshold."""
         layers = self.layers[net]
-        scores = torch.cat(
-            [
-                (layer.param * layer.param.grad).abs().reshape(-1)
-                if layer.param.grad is not None
-                else torch.zeros(layer.numel, device=layer.param.device)
-                for layer in layers
-            ]
-        )
-        keep = round(self.target[net] * scores.numel())
-        order = torch.sort(scores, descending=True, stable=True).indices[:keep]
-        chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-        chosen[order] = True
-        for layer, part in zip(layers, chosen.split([layer.numel for layer in layers]), strict=True):
-            layer.mask = part.reshape(layer.param.shape)
+        scores = [
+            (layer.param * layer.param.grad).abs() if layer.param.grad is not None else torch.zeros_like(layer.param)
+            for layer in layers
+        ]
+        _keep_global_top(layers, scores, self.target[net])
+        for layer in layers:
             layer.union = layer.mask.clone()
-            layer.count = int(layer.mask.sum())
             layer.param.mul_(layer.mask)
         self.snip_pending[net] = False
 
@@ -448,6 +432,18 @@ class MaskManager:
             layer.count = int(entry["count"])
             layer.ema_mask = unpack_mask(entry["ema_mask"], shape).to(device) if "ema_mask" in entry else None
             layer.score = entry["score"].to(device) if "score" in entry else None
+
+
+def _keep_global_top(layers: list[Layer], scores: list[torch.Tensor], density: float) -> None:
+    """Set the layers' masks to the ``round(density * total)`` largest scores over all of them (ties to the lower
+    index, layers in order), so one threshold decides for the whole network and per-layer densities follow."""
+    flat = torch.cat([score.detach().reshape(-1) for score in scores])
+    keep = round(density * flat.numel())
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    chosen[torch.sort(flat, descending=True, stable=True).indices[:keep]] = True
+    for layer, part in zip(layers, chosen.split([layer.numel for layer in layers]), strict=True):
+        layer.mask = part.reshape(layer.param.shape)
+        layer.count = int(layer.mask.sum())
 
 
 def _top_magnitude(param: torch.Tensor, allowed: torch.Tensor, count: int) -> torch.Tensor:
