@@ -453,3 +453,20 @@ def test_gmp_density():
         gmp_density(0, initial_density=1.0, final_density=0.2, start_step=5, end_step=5)
     with pytest.raises(ValueError, match="final_density"):
         gmp_density(0, initial_density=1.0, final_density=0.0, start_step=0, end_step=5)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("levels", [3, 50, 100_000])  # few distinct values: many ties; many: almost none
+def test_select_top_equals_the_first_k_of_a_stable_sort(largest: bool, levels: int) -> None:
+    from sgtrain.sparse.topology import select_top
+
+    generator = torch.Generator().manual_seed(levels)
+    for trial in range(20):
+        n = 1 + trial * 37
+        values = torch.randint(levels, (n,), generator=generator).float()
+        candidates = torch.rand(n, generator=generator) < 0.6
+        for k in (0, 1, n // 3, int(candidates.sum()), n + 5):
+            idx = candidates.nonzero().squeeze(1)
+            expected = idx[torch.sort(values[idx], descending=largest, stable=True).indices[:k]]
+            got = select_top(candidates, values, k, largest=largest)
+            assert sorted(got.tolist()) == sorted(expected.tolist())

@@ -12,7 +12,6 @@ integer-seeded generators, and cross-rank checks go through the ``comm`` functio
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from sgtrain.sparse.topology import (
     pack_mask,
     random_mask,
     random_scores,
+    select_top,
     unpack_mask,
 )
 
@@ -438,9 +438,8 @@ def _keep_global_top(layers: list[Layer], scores: list[torch.Tensor], density: f
     """Set the layers' masks to the ``round(density * total)`` largest scores over all of them (ties to the lower
     index, layers in order), so one threshold decides for the whole network and per-layer densities follow."""
     flat = torch.cat([score.detach().reshape(-1) for score in scores])
-    keep = round(density * flat.numel())
     chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    chosen[torch.sort(flat, descending=True, stable=True).indices[:keep]] = True
+    chosen[select_top(torch.ones_like(chosen), flat, round(density * flat.numel()), largest=True)] = True
     for layer, part in zip(layers, chosen.split([layer.numel for layer in layers]), strict=True):
         layer.mask = part.reshape(layer.param.shape)
         layer.count = int(layer.mask.sum())
@@ -448,10 +447,8 @@ def _keep_global_top(layers: list[Layer], scores: list[torch.Tensor], density: f
 
 def _top_magnitude(param: torch.Tensor, allowed: torch.Tensor, count: int) -> torch.Tensor:
     """The ``count`` entries of largest |param| among ``allowed`` ones (ties to the lower index), as a bool mask."""
-    flat = torch.where(allowed, param.detach().abs(), torch.full_like(param, -math.inf)).reshape(-1)
-    order = torch.sort(flat, descending=True, stable=True).indices[:count]
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=param.device)
-    mask[order] = True
+    mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+    mask[select_top(allowed.reshape(-1), param.detach().abs().reshape(-1), count, largest=True)] = True
     return mask.reshape(param.shape)
 
 
