@@ -52,7 +52,7 @@ from sgtrain.flops import config_flops, format_flops
 from sgtrain.losses import d_hinge, g_hinge
 from sgtrain.models import Discriminator, Generator
 from sgtrain.sparse import MaskManager
-from sgtrain.train import build_models, step_generator
+from sgtrain.train import build_models, build_training, step_generator
 
 THREADS = 2  # the benchmark machine's cores; fixed so that figures from different machines compare like for like
 NETWORKS = ("G", "D")
@@ -118,17 +118,7 @@ class Run:
 def build_run(cfg: Config) -> Run:
     """Set up a run as ``training_loop`` does for a fresh start on one process (no DDP wrapper, no data stream)."""
     t = cfg.train
-    G, D = build_models(cfg)
-    opt_g = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas), eps=t.adam_eps)
-    opt_d = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas), eps=t.adam_eps)
-    masks = MaskManager(
-        cfg.sparse,
-        generator=G,
-        discriminator=D,
-        optimizers={"G": opt_g, "D": opt_d},
-        total_steps=t.steps,
-        seed=cfg.seed,
-    )
+    G, D, opt_g, opt_d, masks = build_training(cfg)
     masks.initialize()
     ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
     # Fixed, seeded images: dense and sparse runs see the same "data".

@@ -28,6 +28,7 @@ from sgtrain.images import save_grid
 from sgtrain.losses import d_hinge, g_hinge
 from sgtrain.models import Discriminator, Generator
 from sgtrain.sparse import MaskManager
+from sgtrain.sparse.manager import AllReduce
 
 SAMPLES_PER_CLASS = 8  # columns of a sample grid
 
@@ -52,6 +53,28 @@ def build_models(cfg: Config) -> tuple[Generator, Discriminator]:
         resolution=m.resolution, n_classes=m.n_classes, ch=m.d_ch, attn_res=m.d_attn, init=m.init, sn_eps=m.sn_eps
     )
     return generator, discriminator
+
+
+def build_training(
+    cfg: Config, device: torch.device | str = "cpu", *, all_reduce: AllReduce | None = None
+) -> tuple[Generator, Discriminator, torch.optim.Adam, torch.optim.Adam, MaskManager]:
+    """G and D on ``device``, their Adam optimizers (BigGAN's betas and eps) and the mask manager (not initialized)."""
+    t = cfg.train
+    G, D = build_models(cfg)
+    G, D = G.to(device), D.to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas), eps=t.adam_eps)
+    opt_d = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas), eps=t.adam_eps)
+    extra = {} if all_reduce is None else {"all_reduce": all_reduce}
+    masks = MaskManager(
+        cfg.sparse,
+        generator=G,
+        discriminator=D,
+        optimizers={"G": opt_g, "D": opt_d},
+        total_steps=t.steps,
+        seed=cfg.seed,
+        **extra,
+    )
+    return G, D, opt_g, opt_d, masks
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -138,19 +161,7 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         raise ConfigError(f"data.dataset {data.name} has {data.n_classes} classes but model.n_classes is smaller")
 
     # Build models, optimizers and the mask manager; resume from the latest complete checkpoint, if any.
-    G, D = build_models(cfg)
-    G, D = G.to(dist.device), D.to(dist.device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas), eps=t.adam_eps)
-    opt_d = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas), eps=t.adam_eps)
-    masks = MaskManager(
-        cfg.sparse,
-        generator=G,
-        discriminator=D,
-        optimizers={"G": opt_g, "D": opt_d},
-        total_steps=t.steps,
-        seed=cfg.seed,
-        all_reduce=dist.all_reduce,
-    )
+    G, D, opt_g, opt_d, masks = build_training(cfg, dist.device, all_reduce=dist.all_reduce)
     step, position = 0, 0
     flops = {"sparse": 0.0, "dense": 0.0}  # cumulative training FLOPs of this run and of its dense counterpart
     latest = checkpoint.load_latest(run_dir)
