@@ -140,7 +140,7 @@ def train_iteration(run: Run) -> None:
     step = run.step + 1
     while masks.schedule.is_update_step(step):
         step += 1
-    rng = step_generator(cfg.seed, 0, step)  # the same latents for the dense and the sparse run at this step
+    rng = step_generator(cfg.seed, step)  # the same latents for the dense and the sparse run at this step
 
     def latents() -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(micro, cfg.model.dim_z, generator=rng)

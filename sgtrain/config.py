@@ -101,6 +101,9 @@ class TrainConfig:
     ema_decay: float = 0.99  # generator EMA decay per G step (BigGAN: 0.9999 over 100k+ steps)
     ema_start: int = 1000  # G step at which the EMA starts averaging (it copies G before)
     mixed_precision: str = "no"  # no | bf16 (autocast; losses and SN power iteration kept in fp32)
+    # G's batch norm over the global batch, as BigGAN's cross-replica BN: a run then matches a one-process run of the
+    # same global batch. Off: per-rank statistics (no collective inside the forward pass).
+    cross_replica_bn: bool = True
     sample_every: int = 500  # G steps between fixed-noise sample grids
     checkpoint_every: int = 500  # G steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # checkpoints kept in the run directory (the last K)

@@ -10,9 +10,29 @@ import contextlib
 import gc
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}  # names in torch.distributed.ReduceOp
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``S = sum_r x_r`` on every rank. Every rank's loss depends on S, so the gradient of x_r is the sum over ranks
+    of dL_r/dS: the backward is an all-reduce too (DDP then averages parameter gradients as usual)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        torch.distributed.all_reduce(total)
+        return total
 
 
 class LaunchError(RuntimeError):
@@ -39,6 +59,16 @@ class Dist:
                 "process would train alone. On a CPU machine launch with ACCELERATE_USE_CPU=1 (see README)."
             )
 
+    @property
+    def backend(self) -> str:
+        """The process group's backend ("gloo", "nccl"), or "none" in a single process."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return str(torch.distributed.get_backend())
+        return "none"
+
+    def describe(self) -> str:
+        return f"{self.world_size} process{'es' if self.world_size > 1 else ''} ({self.backend}, {self.device.type})"
+
     def prepare(self, module: nn.Module) -> nn.Module:
         """Wrap ``module`` for data-parallel training (DDP when there are several processes)."""
         return self.accelerator.prepare_model(module)
@@ -61,15 +91,36 @@ class Dist:
             return tensor
         return self.accelerator.reduce(tensor.to(self.device), reduction="mean")
 
+    # The collectives below implement sgtrain.sparse.sync.Comm. Tensors travel on the process group's device (gloo:
+    # CPU, NCCL: the rank's GPU) and come back on the device they came from.
+
     def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         """``tensor`` reduced over ranks with ``op`` in {"sum", "min", "max"} (every rank gets the result)."""
         if self.world_size == 1:
             return tensor
-        ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN}
-        ops["max"] = torch.distributed.ReduceOp.MAX
         moved = tensor.to(self.device)
-        torch.distributed.all_reduce(moved, op=ops[op])
+        torch.distributed.all_reduce(moved, op=getattr(torch.distributed.ReduceOp, _OPS[op]))
         return moved.to(tensor.device)
+
+    def reduce(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        """The sum of ``tensor`` over ranks; valid on rank ``dst`` only."""
+        if self.world_size == 1:
+            return tensor
+        moved = tensor.to(self.device)
+        torch.distributed.reduce(moved, dst=dst, op=torch.distributed.ReduceOp.SUM)
+        return moved.to(tensor.device)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank ``src``'s ``tensor`` on every rank."""
+        if self.world_size == 1:
+            return tensor
+        moved = tensor.to(self.device)
+        torch.distributed.broadcast(moved, src=src)
+        return moved.to(tensor.device)
+
+    def sum_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks that autograd differentiates through (cross-replica batch norm statistics)."""
+        return tensor if self.world_size == 1 else _SumOverRanks.apply(tensor)
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

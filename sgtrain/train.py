@@ -27,8 +27,9 @@ from sgtrain.flops import flops_report, gan_iteration_flops, network_flops
 from sgtrain.images import save_grid
 from sgtrain.losses import d_hinge, g_hinge
 from sgtrain.models import Discriminator, Generator
+from sgtrain.models.layers import CrossReplicaBatchNorm2d
 from sgtrain.sparse import MaskManager
-from sgtrain.sparse.manager import AllReduce
+from sgtrain.sparse.sync import Comm
 
 SAMPLES_PER_CLASS = 8  # columns of a sample grid
 
@@ -56,15 +57,16 @@ def build_models(cfg: Config) -> tuple[Generator, Discriminator]:
 
 
 def build_training(
-    cfg: Config, device: torch.device | str = "cpu", *, all_reduce: AllReduce | None = None
+    cfg: Config, device: torch.device | str = "cpu", *, comm: Comm | None = None, local_scores: bool = False
 ) -> tuple[Generator, Discriminator, torch.optim.Adam, torch.optim.Adam, MaskManager]:
-    """G and D on ``device``, their Adam optimizers (BigGAN's betas and eps) and the mask manager (not initialized)."""
+    """G and D on ``device``, their Adam optimizers (BigGAN's betas and eps) and the mask manager (not initialized).
+
+    ``comm`` and ``local_scores`` go to the mask manager (see :class:`MaskManager`)."""
     t = cfg.train
     G, D = build_models(cfg)
     G, D = G.to(device), D.to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas), eps=t.adam_eps)
     opt_d = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas), eps=t.adam_eps)
-    extra = {} if all_reduce is None else {"all_reduce": all_reduce}
     masks = MaskManager(
         cfg.sparse,
         generator=G,
@@ -72,14 +74,20 @@ def build_training(
         optimizers={"G": opt_g, "D": opt_d},
         total_steps=t.steps,
         seed=cfg.seed,
-        **extra,
+        comm=comm,
+        local_scores=local_scores,
     )
     return G, D, opt_g, opt_d, masks
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """The RNG for the latents of G step ``step`` on ``rank``: a pure function of the three, so resumes are exact."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_000_007 + step)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The RNG for the latents of G step ``step``: a pure function of the two, so resumes are exact.
+
+    It draws the latents of the global batch and each rank takes its own slice: rank r's latents are a pure function
+    of (seed, rank, step) that does not depend on the number of ranks, so a run on N processes matches a run on one
+    process with the same global batch (and can resume on a different number of processes).
+    """
+    return torch.Generator().manual_seed(seed * 1_000_000_007 + step)
 
 
 def sample_noise(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +162,7 @@ def training_loop(cfg: Config, dist: Dist) -> None:
             f"{dist.world_size} processes"
         )
     micro = micro_global // dist.world_size  # images per rank per forward pass
+    mine = slice(dist.rank * micro, (dist.rank + 1) * micro)  # this rank's share of a global micro-batch
     if cfg.data.shards is not None:
         raise ConfigError("data.shards: streaming from webdataset shards is not available yet; use data.dataset")
     data = load_builtin(cfg.data.dataset, cfg.model.resolution)
@@ -161,7 +170,7 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         raise ConfigError(f"data.dataset {data.name} has {data.n_classes} classes but model.n_classes is smaller")
 
     # Build models, optimizers and the mask manager; resume from the latest complete checkpoint, if any.
-    G, D, opt_g, opt_d, masks = build_training(cfg, dist.device, all_reduce=dist.all_reduce)
+    G, D, opt_g, opt_d, masks = build_training(cfg, dist.device, comm=dist)
     step, position = 0, 0
     flops = {"sparse": 0.0, "dense": 0.0}  # cumulative training FLOPs of this run and of its dense counterpart
     latest = checkpoint.load_latest(run_dir)
@@ -194,6 +203,10 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         d_steps=1,
     )
     dense_iteration = _iteration_flops(cfg, layer_flops, {}, {})
+    if dist.world_size > 1 and cfg.train.cross_replica_bn:
+        for module in G.modules():  # after the EMA's copy of G, which must stay free of collectives
+            if isinstance(module, CrossReplicaBatchNorm2d):
+                module.sum_over_replicas = dist.sum_with_grad
     G_ddp, D_ddp = dist.prepare(G), dist.prepare(D)
     stream = IndexStream(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     autocast = (
@@ -204,6 +217,11 @@ def training_loop(cfg: Config, dist: Dist) -> None:
     fixed_z, fixed_y = sample_noise(cfg)
     metrics_path = run_dir / "metrics.jsonl"
     if dist.is_main:
+        print(
+            f"sgtrain: {run_dir} on {dist.describe()}: global batch {t.batch_size} = {dist.world_size} ranks x "
+            f"{micro} images x {t.accumulation} accumulation rounds; {'resuming at' if step else 'from'} step {step}",
+            flush=True,
+        )
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         checkpoint.write_atomic(run_dir / "config.yaml", config_to_yaml(cfg).encode())
         _truncate_metrics(metrics_path, step)
@@ -243,11 +261,11 @@ def training_loop(cfg: Config, dist: Dist) -> None:
     interval_start, interval_steps = time.perf_counter(), 0
 
     while step < t.steps:
-        rng = step_generator(cfg.seed, dist.rank, step)
+        rng = step_generator(cfg.seed, step)
 
         def latents() -> tuple[torch.Tensor, torch.Tensor]:
-            z = torch.randn(micro, cfg.model.dim_z, generator=rng)  # noqa: B023 (rng is this step's)
-            y = torch.randint(cfg.model.n_classes, (micro,), generator=rng)  # noqa: B023
+            z = torch.randn(micro_global, cfg.model.dim_z, generator=rng)[mine]  # noqa: B023 (rng is this step's)
+            y = torch.randint(cfg.model.n_classes, (micro_global,), generator=rng)[mine]  # noqa: B023
             return z.to(dist.device), y.to(dist.device)
 
         # Update discriminator.
@@ -303,6 +321,7 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         if step % t.log_every == 0 or step == t.steps:
             elapsed = time.perf_counter() - interval_start
             record: dict[str, Any] = {"step": step, "images_seen": position, "train_flops": flops["sparse"]}
+            record["world_size"] = dist.world_size
             record["train_flops_vs_dense"] = flops["sparse"] / flops["dense"]
             for name, total in sums.items():
                 record[name] = float(dist.mean(total)) / (interval_steps * (t.d_steps if "d_" in name else 1))

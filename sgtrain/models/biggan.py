@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgtrain.models.layers import ConditionalBatchNorm2d, SelfAttention, SNConv2d, SNEmbedding, SNLinear
+from sgtrain.models.layers import (
+    ConditionalBatchNorm2d,
+    CrossReplicaBatchNorm2d,
+    SelfAttention,
+    SNConv2d,
+    SNEmbedding,
+    SNLinear,
+)
 
 BOTTOM_WIDTH = 4  # spatial side of G's first feature map
 INITS = ("ortho", "N02", "xavier")
@@ -213,7 +220,7 @@ class Generator(nn.Module):
         # Keyed by the index of the block the attention follows.
         attention = {str(i): SelfAttention(out_ch[i], sn_eps=sn_eps) for i in sorted(attn_blocks)}
         self.attention = nn.ModuleDict(attention)
-        self.output_bn = nn.BatchNorm2d(out_ch[-1], eps=bn_eps, momentum=0.1)
+        self.output_bn = CrossReplicaBatchNorm2d(out_ch[-1], eps=bn_eps, momentum=0.1)
         self.output_conv = SNConv2d(out_ch[-1], 3, 3, padding=1, eps=sn_eps)
         init_weights(self, init)
 

@@ -7,6 +7,9 @@ and spectral norm then normalises the masked tensor (DESIGN.md, "Targets").
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,6 +102,47 @@ class SNEmbedding(SpectralNormMixin, nn.Embedding):
         return F.embedding(y, self.normalized_weight())
 
 
+class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training-mode statistics can span every rank (BigGAN's cross-replica BN).
+
+    The training loop sets ``sum_over_replicas`` (a differentiable sum over ranks) when several ranks train; then
+    the mean and variance are those of the global batch, and a run on N ranks matches one process with the same
+    global batch. Unset, in eval mode, or in one process, this is exactly ``nn.BatchNorm2d`` (same state dict).
+    ``x``: ``[B, C, H, W] -> [B, C, H, W]``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sum_over_replicas: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["sum_over_replicas"] = None  # a deep copy (the EMA) must not carry the process group along
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.sum_over_replicas
+        if total is None or not self.training:
+            return super().forward(x)
+        # Two passes (mean, then centred squares) rather than E[x^2] - E[x]^2, which cancels catastrophically; in
+        # fp32 even under autocast, as autocast runs batch norm.
+        x = x.float()
+        local = torch.cat([x.sum(dim=(0, 2, 3)), x.new_tensor([x.numel() / x.shape[1]])])
+        summed = total(local)
+        n = summed[-1]
+        mean = summed[:-1] / n
+        centered = x - mean[None, :, None, None]
+        var = total((centered * centered).sum(dim=(0, 2, 3))) / n  # biased, as BN normalises with
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)  # unbiased, as nn.BatchNorm2d keeps
+        out = centered * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return out
+
+
 class ConditionalBatchNorm2d(nn.Module):
     """BigGAN's class-conditional BN: ``BN(x) * (1 + gain(c)) + bias(c)`` with per-sample gains and biases.
 
@@ -123,7 +167,7 @@ class ConditionalBatchNorm2d(nn.Module):
         super().__init__()
         if (cond_dim is None) == (n_classes is None):
             raise ValueError("ConditionalBatchNorm2d needs exactly one of cond_dim and n_classes")
-        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
+        self.bn = CrossReplicaBatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
         self.gain: nn.Module
         self.bias: nn.Module
         if cond_dim is not None:

@@ -6,8 +6,10 @@ The training loop calls, per optimizer step of network ``net`` ("G" or "D")::
 
 and after each G step ``ema.update(G); masks.after_ema(ema.module); masks.maybe_update(step)``. Everything else
 (which tensors are masked, their densities, the schedule, the baselines) lives here. Nothing in this module talks
-to torch.distributed: under DDP the gradients it reads are already averaged over ranks, random growth comes from
-integer-seeded generators, and cross-rank checks go through the ``comm`` functions it is handed.
+to torch.distributed: it is handed a :class:`~sgtrain.sparse.sync.Comm`. Under DDP the gradients it reads are already
+averaged over ranks; where they are not (``local_scores``), it sums them onto each layer's owner itself. Owners compute
+the new masks of their layers and broadcast them bit-packed; random growth comes from integer-seeded generators; after
+every update the ranks compare mask checksums (``sgtrain/sparse/sync.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sgtrain.config import ConfigError, SparseConfig
 from sgtrain.models.layers import ConditionalBatchNorm2d
 from sgtrain.sparse.distribution import active_counts, layer_densities
 from sgtrain.sparse.schedule import UpdateSchedule, gmp_density
+from sgtrain.sparse.sync import Comm, LocalComm, MaskDivergenceError, assert_identical, assign_owners
 from sgtrain.sparse.topology import (
     drop_and_grow,
     drop_fraction_k,
@@ -39,16 +42,7 @@ from sgtrain.sparse.topology import (
 NETWORKS = ("G", "D")
 GRAD_MOMENTUM = 0.9  # momentum growth keeps its own EMA of dense gradients (Dettmers & Zettlemoyer 2019, beta 0.9)
 
-# all_reduce(tensor, op) -> tensor reduced over ranks in place; op is "sum", "min" or "max".
-AllReduce = Callable[[torch.Tensor, str], torch.Tensor]
-
-
-def _local_all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
-    return tensor
-
-
-class MaskDivergenceError(RuntimeError):
-    """Ranks hold different masks: the replicas would fork silently, so the run stops."""
+__all__ = ["MaskDivergenceError", "MaskManager", "masked_parameters"]
 
 
 def masked_parameters(module: nn.Module, targets: str) -> list[tuple[str, nn.Parameter]]:
@@ -80,7 +74,8 @@ class Layer:
     mask: torch.Tensor = field(repr=False)  # bool, the weight's shape and device
     union: torch.Tensor = field(repr=False)  # ITOP: every position ever active
     ema_mask: torch.Tensor | None = field(default=None, repr=False)  # the mask the EMA saw last (G only)
-    score: torch.Tensor | None = field(default=None, repr=False)  # grow score captured for the coming update
+    score: torch.Tensor | None = field(default=None, repr=False)  # signed gradient (or momentum) for the next update
+    owner: int = 0  # the rank that computes this layer's topology updates
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -106,13 +101,21 @@ class MaskManager:
         optimizers: dict[str, torch.optim.Optimizer],
         total_steps: int,
         seed: int,
-        all_reduce: AllReduce = _local_all_reduce,
+        comm: Comm | None = None,
+        local_scores: bool = False,
+        sharded: bool = True,
     ) -> None:
+        """``comm``: the run's collectives (one process if None). ``local_scores``: the gradients this rank reads are
+        its own, not averaged over ranks (no DDP, ZeRO-partitioned or hook-captured gradients), so they are summed
+        across ranks before selection. ``sharded=False`` is the naive scheme kept for the benchmark: every rank
+        selects every layer itself (after an all-reduce of local scores)."""
         self.cfg = cfg
         self.seed = seed
         self.total_steps = total_steps
         self.optimizers = optimizers
-        self.all_reduce = all_reduce
+        self.comm: Comm = comm if comm is not None else LocalComm()
+        self.local_scores = local_scores
+        self.sharded = sharded
         self.step = 0  # completed G steps
         self.snip_pending = {net: cfg.method == "snip" for net in NETWORKS}
         self.last_change: dict[str, float] = {}
@@ -151,6 +154,11 @@ class MaskManager:
                     Layer(net, name, index, p, final[name], counts[name], mask=ones, union=ones.clone())
                 )
                 index += 1
+            # Owners per network, so that when only G explores its work is spread over all ranks. A layer that stays
+            # dense never changes and weighs nothing.
+            sizes = [layer.numel if layer.density < 1.0 else 0 for layer in self.layers[net]]
+            for layer, owner in zip(self.layers[net], assign_owners(sizes, self.comm.world_size), strict=True):
+                layer.owner = owner
 
     # ----------------------------------------------------------------------------------------------------------------
     # Start of a run.
@@ -213,7 +221,9 @@ class MaskManager:
             mode = self.grow[net]
             for layer in layers:
                 if mode == "gradient" and layer.param.grad is not None and layer.density < 1.0:
-                    layer.score = layer.param.grad.abs()  # the dense gradient, read before it is masked
+                    # The dense gradient, read before it is masked; signed, because local gradients of several
+                    # ranks must be summed before the magnitude is taken.
+                    layer.score = layer.param.grad.clone()
         if self.explores[net] and self.grow[net] == "momentum":
             for layer in layers:
                 if layer.param.grad is None or layer.density >= 1.0:
@@ -256,19 +266,17 @@ class MaskManager:
     def maybe_update(self, step: int) -> dict[str, float]:
         """After G step ``step``: run the method's topology change if one is due; returns metrics to log."""
         self.step = step
-        changed = False
-        if self.cfg.method == "stu" and self.schedule.is_update_step(step):
-            for net in NETWORKS:
-                if self.explores[net]:
-                    self._drop_and_grow(net, step)
-                    changed = True
-        elif self.cfg.method == "gmp" and self._gmp_due(step):
-            for net in NETWORKS:
-                self._gmp_prune(net, step)
-            changed = True
-        if not changed:
+        stu_due = self.cfg.method == "stu" and self.schedule.is_update_step(step) and any(self.explores.values())
+        gmp_due = self.cfg.method == "gmp" and self._gmp_due(step)
+        if not (stu_due or gmp_due):
             return {}
-        self._check_consistent()
+        entering = self._checksums()  # a mask that forked before the update must not be papered over by it
+        for net in NETWORKS:
+            if stu_due and self.explores[net]:
+                self._drop_and_grow(net, step)
+            elif gmp_due:
+                self._gmp_prune(net, step)
+        self._check_consistent(entering)
         metrics = {}
         for net in NETWORKS:
             metrics[f"sparse/{net}_density"] = self.density(net)
@@ -282,21 +290,26 @@ class MaskManager:
     def _drop_and_grow(self, net: str, step: int) -> None:
         fraction = self.schedule.drop_fraction_at(step)
         update = self.schedule.update_index(step)
-        swapped = active = 0
-        for layer in self.layers[net]:
-            if layer.density >= 1.0:
-                continue  # a dense layer has nothing inactive to grow
-            k = drop_fraction_k(layer.count, fraction)
-            mode = self.grow[net]
+        mode = self.grow[net]
+        # A dense layer has nothing inactive to grow; a layer that took no part in the loss has no gradient (the
+        # same layers on every rank) and is left as it is.
+        layers = [
+            layer for layer in self.layers[net] if layer.density < 1.0 and (mode == "random" or layer.score is not None)
+        ]
+        scores = self._reduced_scores(layers) if mode != "random" else {}
+
+        def select(layer: Layer) -> torch.Tensor:
             if mode == "random":
                 generator = torch.Generator().manual_seed(layer_seed(self.seed, update, layer.index))
                 score = random_scores(layer.param.shape, generator).to(layer.param.device)
-            elif layer.score is not None:
-                score = layer.score if mode == "gradient" else layer.score.abs()  # gradient scores are |grad| already
-            else:  # the layer took no part in the loss, so it has no gradient: leave it as it is
-                continue
-            new_mask, dropped, grown = drop_and_grow(layer.param, layer.mask, score, k)
-            changed = dropped | grown
+            else:
+                score = scores[layer.index].abs()  # |gradient summed over ranks| or |momentum|
+            return drop_and_grow(layer.param, layer.mask, score, drop_fraction_k(layer.count, fraction))[0]
+
+        swapped = active = 0
+        for layer, new_mask in zip(layers, self._owners_compute(layers, select), strict=True):
+            grown = new_mask & ~layer.mask
+            changed = grown | (layer.mask & ~new_mask)
             # Dropped weights leave, grown weights enter at zero, and every optimizer slot of both is cleared, so
             # Adam's moments of a grown weight start from nothing (not from stale values of an earlier life).
             layer.param.masked_fill_(changed, 0.0)
@@ -309,6 +322,56 @@ class MaskManager:
             swapped += int(grown.sum())
             active += layer.count
         self.last_change[net] = swapped / max(active, 1)
+
+    def _reduced_scores(self, layers: list[Layer]) -> dict[int, torch.Tensor]:
+        """Grow scores by layer index, summed over ranks where they are local, on the ranks that select with them.
+
+        Sharded: one ``reduce`` per owner of the concatenated scores of its layers, so each rank receives only what
+        it selects on. Naive: one ``all_reduce`` of everything. Momentum accumulators are summed into a copy, never
+        in place: they carry on after the update.
+        """
+        world = self.comm.world_size
+        if not self.local_scores or world == 1:
+            return {layer.index: layer.score for layer in layers}  # type: ignore[misc] (filtered on not None)
+        groups = [[x for x in layers if x.owner == r] for r in range(world)] if self.sharded else [layers]
+        summed: dict[int, torch.Tensor] = {}
+        for rank, group in enumerate(groups):
+            if not group:
+                continue
+            flat = torch.cat([layer.score.reshape(-1) for layer in group])  # type: ignore[union-attr]
+            if self.sharded:
+                flat = self.comm.reduce(flat, rank)
+                if rank != self.comm.rank:
+                    continue
+            else:
+                flat = self.comm.all_reduce(flat, "sum")
+            for layer, part in zip(group, flat.split([layer.numel for layer in group]), strict=True):
+                summed[layer.index] = part.reshape(layer.param.shape)
+        return summed
+
+    def _owners_compute(self, layers: list[Layer], select: Callable[[Layer], torch.Tensor]) -> list[torch.Tensor]:
+        """New bool masks ``select(layer)`` of ``layers``, each computed by its owner and broadcast bit-packed (one
+        broadcast per owner), so that every rank applies the same bits. One process or unsharded: computed here."""
+        world = self.comm.world_size
+        if world == 1 or not self.sharded:
+            return [select(layer) for layer in layers]
+        new: dict[int, torch.Tensor] = {}
+        for rank in range(world):
+            group = [layer for layer in layers if layer.owner == rank]
+            if not group:
+                continue
+            sizes = [(layer.numel + 7) // 8 for layer in group]
+            if rank == self.comm.rank:
+                for layer in group:
+                    new[layer.index] = select(layer)
+                packed = torch.cat([pack_mask(new[layer.index]) for layer in group])
+            else:
+                packed = torch.empty(sum(sizes), dtype=torch.uint8, device=group[0].param.device)
+            packed = self.comm.broadcast(packed, rank)
+            if rank != self.comm.rank:
+                for layer, part in zip(group, packed.split(sizes), strict=True):
+                    new[layer.index] = unpack_mask(part, layer.param.shape).to(layer.param.device)
+        return [new[layer.index] for layer in layers]
 
     def _drop_from_ema(self, layer: Layer, removed: torch.Tensor) -> None:
         """Removed G weights leave the EMA at once, so a sample or checkpoint taken right after an update already
@@ -334,17 +397,19 @@ class MaskManager:
         dense = {layer.name for layer in layers if layer.density >= 1.0}
         densities = layer_densities(shapes, density, kind=self.cfg.distribution, power=self.cfg.erk_power, dense=dense)
         counts = active_counts(shapes, densities)
+
+        def select(layer: Layer) -> torch.Tensor:
+            return _top_magnitude(layer.param, layer.mask, min(counts[layer.name], layer.count))  # pruning only removes
+
         removed = before = 0
-        for layer in layers:
-            count = min(counts[layer.name], layer.count)  # pruning only removes
-            new_mask = _top_magnitude(layer.param, layer.mask, count)
+        for layer, new_mask in zip(layers, self._owners_compute(layers, select), strict=True):
             pruned = layer.mask & ~new_mask
             layer.param.masked_fill_(pruned, 0.0)
             self._drop_from_ema(layer, pruned)
             _zero_optimizer_state(self.optimizers[net], layer.param, pruned)
             removed += int(pruned.sum())
             before += layer.count
-            layer.mask, layer.count = new_mask, count
+            layer.mask, layer.count = new_mask, int(new_mask.sum())
         self.last_change[net] = removed / max(before, 1)
 
     def _snip(self, net: str) -> None:
@@ -360,16 +425,22 @@ class MaskManager:
             layer.param.mul_(layer.mask)
         self.snip_pending[net] = False
 
-    def _check_consistent(self) -> None:
-        """Stop if any rank holds a different mask (a no-op in a single process)."""
-        layers = self._all_layers()
-        if not layers:
+    def _checksums(self) -> torch.Tensor | None:
+        """Checksums of every mask (int64), or None in one process, where there is nothing to compare."""
+        if self.comm.world_size == 1:
+            return None
+        return torch.tensor([mask_checksum(layer.mask) for layer in self._all_layers()], dtype=torch.int64)
+
+    def _check_consistent(self, entering: torch.Tensor | None) -> None:
+        """Stop on every rank if any rank holds a different mask, entering the update or after it."""
+        after = self._checksums()
+        if entering is None or after is None:
             return
-        sums = torch.tensor([mask_checksum(layer.mask) for layer in layers], dtype=torch.int64)
-        low, high = self.all_reduce(sums.clone(), "min"), self.all_reduce(sums.clone(), "max")
-        for layer, lo, hi in zip(layers, low.tolist(), high.tolist(), strict=True):
-            if lo != hi:
-                raise MaskDivergenceError(f"ranks hold different masks for {layer.name} after step {self.step}")
+        names = [f"{layer.net}.{layer.name}" for layer in self._all_layers()]
+        labels = [f"{name} (as it entered the update)" for name in names] + names
+        assert_identical(
+            labels, torch.cat([entering, after]), self.comm, f"at the topology update after step {self.step}"
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Reporting and checkpoints.
