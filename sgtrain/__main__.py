@@ -11,6 +11,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+# Exit codes: 2 bad input (config, paths, checkpoints, launch), before any work where possible; 3 the ranks' masks
+# diverged (the run stops before checkpointing the forked state).
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+
 DEFAULT_CONFIG = "digits.yaml"  # the embedded default job: what `python -m sgtrain` trains without --config
 
 COMMANDS = {
@@ -87,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     from sgtrain.checkpoint import CheckpointError
     from sgtrain.config import ConfigError
     from sgtrain.dist import LaunchError
+    from sgtrain.sparse.sync import MaskDivergenceError
 
     commands = {"train": train, "print-config": print_config, "inspect": inspect, "flops": flops}
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
     except (ConfigError, CheckpointError, LaunchError) as error:
         print(f"sgtrain: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except MaskDivergenceError as error:
+        print(f"sgtrain: error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
     except fire.core.FireExit as exit_:
         return int(exit_.code or 0)
     return 0

@@ -49,6 +49,8 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, error_
     torch.set_num_threads(1)  # two processes on two cores: intra-op threads would only fight each other
     try:
         fn(rank, *args)
+    except SystemExit:
+        raise  # the worker chose its exit code
     except BaseException:
         Path(error_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         sys.exit(1)

@@ -21,7 +21,7 @@ from sgtrain import checkpoint
 from sgtrain.config import config_from_dict, config_to_dict, load_config
 from sgtrain.dist import Dist
 from sgtrain.sparse import MaskManager
-from sgtrain.sparse.sync import LocalComm, assign_owners
+from sgtrain.sparse.sync import assign_owners
 from sgtrain.sparse.topology import mask_checksum
 from sgtrain.train import build_training, training_loop
 
@@ -36,6 +36,7 @@ TINY = {
     "train.sample_every": 1000,
     "train.checkpoint_every": 1000,
 }
+STU = {"sparse.method": "stu", "sparse.density_g": 0.3, "sparse.density_d": 0.5, "sparse.explore": "GD"}
 
 
 def tiny(run_dir: Path, **overrides: Any) -> dict[str, Any]:
@@ -103,7 +104,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, 
     gradient is zero and what they get is summation noise of ~1e-7, which Adam with eps 1e-6 turns into steps of
     ~lr/10 of either sign. No fp32 tolerance survives that amplification; with 1e-4 the noise stays noise.
     """
-    sparse = {"sparse.method": method, "sparse.update_every": 2, "sparse.explore": "GD"} if method == "stu" else {}
+    sparse = {**STU, "sparse.update_every": 2} if method == "stu" else {}
     settings = {"train.steps": 6, "train.d_steps": 2, "train.ema_start": 0, "train.ema_decay": 0.9, **sparse}
     settings["train.adam_eps"] = 1e-4
     one, two = tiny(tmp_path / "one", **settings), tiny(tmp_path / "two", **settings)
@@ -124,3 +125,202 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, 
     if method == "stu":
         for key, entry in a["masks"]["layers"].items():
             assert torch.equal(entry["mask"], b["masks"]["layers"][key]["mask"]), key
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Masks stay identical across ranks that read different data.
+
+
+def test_masks_are_bit_identical_across_ranks_reading_different_data(tmp_path: Path) -> None:
+    cfg = tiny(
+        tmp_path / "run",
+        train__steps=8,
+        train__d_steps=2,
+        train__accumulation=2,
+        **STU,
+        sparse__grow_g="gradient",
+        sparse__grow_d="random",
+        sparse__update_every=2,
+        sparse__update_end=1.0,
+    )
+    assert_all_succeeded(run_ranks(_train, cfg, str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # Every rank read its own samples: 8 steps x 2 D steps x 2 rounds x 2 images, none shared.
+    assert len(ranks[0]["indices"]) == len(ranks[1]["indices"]) == 64
+    assert not set(ranks[0]["indices"]) & set(ranks[1]["indices"])
+    # Four topology updates, after each of which every mask of G and D has the same checksum on both ranks.
+    assert len(ranks[0]["updates"]) == len(ranks[1]["updates"]) == 4
+    assert ranks[0]["updates"] == ranks[1]["updates"]
+    first, last = ranks[0]["updates"][0], ranks[0]["updates"][-1]
+    assert any(first[name] != last[name] for name in first), "the topology never changed: the test shows nothing"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sharded update equals the single-process update on the summed scores.
+
+
+def _integer_grads(cfg_dict: dict[str, Any], rank: int, step: int) -> dict[str, list[torch.Tensor]]:
+    """Per-rank gradients of small integers: their sums are exact in fp32, whatever the reduction order."""
+    G, D, *_ = build_training(config_from_dict(cfg_dict))
+    grads = {}
+    for n, (net, module) in enumerate((("G", G), ("D", D))):
+        generator = torch.Generator().manual_seed(1000 * rank + 10 * step + n)
+        grads[net] = [torch.randint(-8, 9, p.shape, generator=generator).float() for p in module.parameters()]
+    return grads
+
+
+def _drive_updates(masks: MaskManager, G: torch.nn.Module, D: torch.nn.Module, grads_at: Any, steps: int) -> None:
+    """What the training loop does around topology updates, with given gradients and no optimizer step (so the
+    weights, and with them the drop choices, are the same everywhere)."""
+    for step in range(1, steps + 1):
+        for net, module in (("D", D), ("G", G)):
+            for p, g in zip(module.parameters(), grads_at(step)[net], strict=True):
+                p.grad = g.clone()
+            masks.before_step(net)
+            masks.after_step(net)
+        masks.maybe_update(step)
+
+
+def _masks_of(masks: MaskManager) -> dict[str, torch.Tensor]:
+    return {f"{layer.net}.{layer.name}": layer.mask.clone() for layer in masks._all_layers()}
+
+
+def _sharded_worker(rank: int, cfg_dict: dict[str, Any], out_dir: str) -> None:
+    dist = Dist()
+    try:
+        G, D, _, _, masks = build_training(config_from_dict(cfg_dict), comm=dist, local_scores=True)
+        masks.initialize()
+        _drive_updates(masks, G, D, lambda step: _integer_grads(cfg_dict, rank, step), steps=3)
+        owners = {f"{layer.net}.{layer.name}": layer.owner for layer in masks._all_layers()}
+        torch.save({"masks": _masks_of(masks), "owners": owners}, Path(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.shutdown()
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random"])
+def test_sharded_update_equals_single_process_update_on_summed_scores(tmp_path: Path, grow: str) -> None:
+    cfg = tiny(
+        tmp_path / "run",
+        train__steps=10,
+        **STU,
+        sparse__grow_g=grow,
+        sparse__grow_d=grow,
+        sparse__update_every=1,
+        sparse__update_end=1.0,
+    )
+    assert_all_succeeded(run_ranks(_sharded_worker, cfg, str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # Both ranks own layers of each network: the work really was split.
+    for net in ("G", "D"):
+        assert {owner for name, owner in ranks[0]["owners"].items() if name.startswith(net)} == {0, 1}
+
+    def summed(step: int) -> dict[str, list[torch.Tensor]]:
+        per_rank = [_integer_grads(cfg, rank, step) for rank in range(2)]
+        return {net: [a + b for a, b in zip(per_rank[0][net], per_rank[1][net], strict=True)] for net in ("G", "D")}
+
+    G, D, _, _, reference = build_training(config_from_dict(cfg))
+    reference.initialize()
+    _drive_updates(reference, G, D, summed, steps=3)
+    expected = _masks_of(reference)
+    for rank in range(2):
+        for name, mask in expected.items():
+            assert torch.equal(ranks[rank]["masks"][name], mask), f"rank {rank}: {name}"
+    if grow == "gradient":
+        # The reduction mattered: rank 0's scores alone choose differently, so this test can tell the two apart.
+        G, D, _, _, alone = build_training(config_from_dict(cfg))
+        alone.initialize()
+        _drive_updates(alone, G, D, lambda step: _integer_grads(cfg, 0, step), steps=3)
+        assert any(not torch.equal(mask, expected[name]) for name, mask in _masks_of(alone).items())
+
+
+def test_assign_owners_is_balanced_and_deterministic() -> None:
+    sizes = [100, 1, 50, 50, 30, 20, 0, 0]
+    owners = assign_owners(sizes, 2)
+    assert owners == assign_owners(list(sizes), 2)
+    # Largest first onto the least-loaded rank (ties to rank 0): 100 | 50 50 | 30 -> r0 | 20 1 0 0 -> r1.
+    assert owners == [0, 1, 1, 1, 0, 1, 1, 1]
+    load = [sum(s for s, o in zip(sizes, owners, strict=True) if o == r) for r in range(2)]
+    assert max(load) - min(load) <= max(sizes)  # the greedy bound: never worse than one largest layer
+    assert assign_owners(sizes, 1) == [0] * len(sizes)
+    assert set(assign_owners([5] * 8, 4)) == {0, 1, 2, 3}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A forked mask is caught, named, and every rank exits non-zero.
+
+
+def _diverging_worker(rank: int, run_dir: str, out_dir: str) -> None:
+    import contextlib
+    import io
+
+    from sgtrain.__main__ import main
+
+    real_update = MaskManager.maybe_update
+
+    def maybe_update(self: MaskManager, step: int) -> dict[str, float]:
+        if rank == 1 and step == 3:  # flip one bit of one mask on one rank, as a bug or a bad bit would
+            layer = next(x for x in self.layers["G"] if x.name == "blocks.1.conv1")
+            flipped = layer.mask.clone().reshape(-1)
+            flipped[0] = ~flipped[0]
+            layer.mask = flipped.reshape(layer.mask.shape)
+        return real_update(self, step)
+
+    MaskManager.maybe_update = maybe_update  # type: ignore[method-assign]
+    stderr = io.StringIO()
+    overrides = [f"--{key}={value}" for key, value in TINY.items()]
+    with contextlib.redirect_stderr(stderr):
+        code = main(
+            [
+                "train",
+                *overrides,
+                f"--run_dir={run_dir}",
+                "--train.steps=6",
+                "--train.checkpoint_every=1",
+                "--sparse.method=stu",
+                "--sparse.density_g=0.3",
+                "--sparse.update_every=1",
+            ]
+        )
+    Path(out_dir, f"rank{rank}.txt").write_text(stderr.getvalue())
+    sys.exit(code)
+
+
+def test_a_mask_changed_on_one_rank_stops_every_rank_naming_the_layer(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    results = run_ranks(_diverging_worker, str(run_dir), str(tmp_path), timeout=120)
+    assert [r.exitcode for r in results] == [3, 3], [r.error for r in results]  # None would mean it hung
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "sgtrain: error: ranks hold different masks for G.blocks.1.conv1" in message, message
+        assert "after step 3" in message
+    # The forked state was never checkpointed: the last checkpoint is the one before the fork.
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)][-1] == "step-00000002.pt"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The shipped CPU launcher, as users start it.
+
+
+def test_accelerate_launch_with_the_cpu_launcher_trains_on_two_ranks(tmp_path: Path) -> None:
+    from multiprocess import free_port
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launchers/cpu_2proc.yaml"),
+    ]
+    launch += ["--main_process_port", str(free_port())]
+    train_args = ["-m", "sgtrain", "--config", "digits.yaml", "--train.steps=4", "--sparse.update_every=2"]
+    train_args += ["--train.log_every=1", "--model.g_ch=4", "--model.d_ch=4", f"--run_dir={run_dir}"]
+    result = subprocess.run([*launch, *train_args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 processes (gloo, cpu)" in result.stdout, result.stdout[-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4 and all(r["world_size"] == 2 for r in records)
+    assert "sparse/G_mask_change" in records[1]  # the topology update after step 2 ran across both ranks
