@@ -96,8 +96,8 @@ def _train_one_process(cfg_dict: dict[str, Any]) -> None:
 # Equivalence: 2 ranks with global batch B == 1 process with batch B.
 
 
-@pytest.mark.parametrize("method", ["dense", "stu"])
-def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "accumulation"), [("dense", 1), ("stu", 1), ("stu", 2)])
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, method: str, accumulation: int) -> None:
     """Global batch 8 as 2 ranks x 4 (DDP, cross-replica BN, latents sliced from the global draw) against 1 x 8.
 
     Adam's epsilon is raised from BigGAN's 1e-6 to 1e-4 here: G's conv biases feed batch norm, so their true
@@ -107,6 +107,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, 
     sparse = {**STU, "sparse.update_every": 2} if method == "stu" else {}
     settings = {"train.steps": 6, "train.d_steps": 2, "train.ema_start": 0, "train.ema_decay": 0.9, **sparse}
     settings["train.adam_eps"] = 1e-4
+    settings["train.accumulation"] = accumulation
     one, two = tiny(tmp_path / "one", **settings), tiny(tmp_path / "two", **settings)
     _train_one_process(one)
     assert_all_succeeded(run_ranks(_train, two, None))
@@ -233,6 +234,35 @@ def test_sharded_update_equals_single_process_update_on_summed_scores(tmp_path: 
         assert any(not torch.equal(mask, expected[name]) for name, mask in _masks_of(alone).items())
 
 
+def _no_sync_worker(rank: int, out_dir: str) -> None:
+    dist = Dist()
+    try:
+        module = dist.prepare(torch.nn.Linear(4, 1))
+        calls = []
+
+        def count(state, bucket):  # unannotated: DDP inspects a hook's annotations and rejects strings
+            calls.append(1)
+            tensor = bucket.buffer()
+            torch.distributed.all_reduce(tensor)
+            future: torch.futures.Future = torch.futures.Future()
+            future.set_result(tensor / dist.world_size)
+            return future
+
+        module.register_comm_hook(None, count)
+        for round_ in range(3):  # three accumulation rounds: only the last may all-reduce
+            with dist.no_sync(module, skip=round_ < 2):
+                module(torch.full((2, 4), float(rank + 1))).sum().backward()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"calls": len(calls)}))
+    finally:
+        dist.shutdown()
+
+
+def test_accumulation_all_reduces_once_per_optimizer_step(tmp_path: Path) -> None:
+    assert_all_succeeded(run_ranks(_no_sync_worker, str(tmp_path)))
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"calls": 1}
+
+
 def test_assign_owners_is_balanced_and_deterministic() -> None:
     sizes = [100, 1, 50, 50, 30, 20, 0, 0]
     owners = assign_owners(sizes, 2)
@@ -324,3 +354,27 @@ def test_accelerate_launch_with_the_cpu_launcher_trains_on_two_ranks(tmp_path: P
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 4 and all(r["world_size"] == 2 for r in records)
     assert "sparse/G_mask_change" in records[1]  # the topology update after step 2 ran across both ranks
+
+
+def test_bf16_sparse_training_on_two_ranks(tmp_path: Path) -> None:
+    """bf16 autocast with DDP: finite fp32 losses, fp32 weights and SN vectors, masks identical on both ranks."""
+    cfg = tiny(tmp_path / "run", train__steps=4, train__mixed_precision="bf16", **STU)
+    cfg["sparse"].update(update_every=1, update_end=1.0)
+    assert_all_succeeded(run_ranks(_train, cfg, str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]["updates"]) >= 3 and ranks[0]["updates"] == ranks[1]["updates"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["g_loss"])) for r in records)
+    state = _final_state(tmp_path / "run")
+    assert all(t.dtype in (torch.float32, torch.int64) for t in state["G"].values())
+    assert all(t.dtype == torch.float32 for name, t in state["D"].items() if name.endswith((".u", ".sv")))
+
+
+@pytest.mark.parametrize("name", ["cpu_2proc", "gpu_1", "gpu_8", "multinode"])
+def test_shipped_launchers_are_valid_accelerate_configs(name: str) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "launchers" / f"{name}.yaml"))
+    assert config.mixed_precision == "no"  # precision is sgtrain's train.mixed_precision, never Accelerate's
+    assert config.num_processes == {"cpu_2proc": 2, "gpu_1": 1, "gpu_8": 8, "multinode": 16}[name]
+    assert config.use_cpu == (name == "cpu_2proc")
