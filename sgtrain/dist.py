@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +39,17 @@ class LaunchError(RuntimeError):
     """The processes were launched in a way that would silently train the wrong thing."""
 
 
+def check_world_size(environ: Mapping[str, str], group_size: int) -> None:
+    """Stop if the launcher started more processes (``WORLD_SIZE``) than joined the process group: each would train
+    alone on the full config, silently (the trap of `accelerate launch --multi_gpu` on a CPU machine)."""
+    launched = int(environ.get("WORLD_SIZE", "1"))
+    if launched != group_size:
+        raise LaunchError(
+            f"the launcher started {launched} processes but the process group has {group_size}: every process "
+            "would train alone. On a CPU machine use launchers/cpu_2proc.yaml or set ACCELERATE_USE_CPU=1 (README)."
+        )
+
+
 class Dist:
     """The process group of a run, as seen from one rank."""
 
@@ -47,17 +58,15 @@ class Dist:
 
         # `accelerate launch --multi_gpu` on a CPU machine starts processes that each believe they are alone unless
         # the accelerator is told to use the CPU (ENVIRONMENT.md): ask for it whenever there is no GPU.
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+        try:
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+        except ValueError as error:  # e.g. WORLD_SIZE set by hand without MASTER_ADDR: Accelerate's own words
+            raise LaunchError(f"cannot join the process group: {error}") from None
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched != self.world_size:
-            raise LaunchError(
-                f"the launcher started {launched} processes but the process group has {self.world_size}: every "
-                "process would train alone. On a CPU machine launch with ACCELERATE_USE_CPU=1 (see README)."
-            )
+        check_world_size(os.environ, self.world_size)
 
     @property
     def backend(self) -> str:

@@ -378,3 +378,23 @@ def test_shipped_launchers_are_valid_accelerate_configs(name: str) -> None:
     assert config.mixed_precision == "no"  # precision is sgtrain's train.mixed_precision, never Accelerate's
     assert config.num_processes == {"cpu_2proc": 2, "gpu_1": 1, "gpu_8": 8, "multinode": 16}[name]
     assert config.use_cpu == (name == "cpu_2proc")
+
+
+def test_more_processes_launched_than_joined_is_refused() -> None:
+    from sgtrain.dist import LaunchError, check_world_size
+
+    check_world_size({"WORLD_SIZE": "2"}, 2)
+    check_world_size({}, 1)
+    with pytest.raises(LaunchError, match="started 2 processes but the process group has 1"):
+        check_world_size({"WORLD_SIZE": "2"}, 1)
+
+
+def test_a_half_configured_launch_fails_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    env["WORLD_SIZE"] = "2"  # what a hand-written job script might export without the rest
+    command = [sys.executable, "-m", "sgtrain", f"--run_dir={tmp_path / 'run'}", "--train.steps=1"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("sgtrain: error: cannot join the process group"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
