@@ -398,3 +398,59 @@ def test_a_half_configured_launch_fails_with_one_line_and_exit_2(tmp_path: Path)
     assert result.stderr.startswith("sgtrain: error: cannot join the process group"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _phase_worker(rank: int, cfg_dict: dict[str, Any], out_dir: str) -> None:
+    """Record, in order, every DDP gradient all-reduce of G and D and the end of every optimizer step."""
+    events: list[str] = []
+    real_prepare, real_before = Dist.prepare, MaskManager.before_step
+    names = iter(["G", "D"])  # the loop prepares G, then D
+
+    def prepare(self: Dist, module: torch.nn.Module) -> torch.nn.Module:
+        wrapped = real_prepare(self, module)
+        name = next(names)
+
+        def hook(state, bucket):  # unannotated: DDP inspects a hook's annotations and rejects strings
+            events.append(f"allreduce {name}")
+            tensor = bucket.buffer()
+            torch.distributed.all_reduce(tensor)
+            future: torch.futures.Future = torch.futures.Future()
+            future.set_result(tensor / self.world_size)
+            return future
+
+        wrapped.register_comm_hook(None, hook)
+        return wrapped
+
+    def before_step(self: MaskManager, net: str) -> None:
+        events.append(f"step {net}")
+        real_before(self, net)
+
+    Dist.prepare = prepare  # type: ignore[method-assign]
+    MaskManager.before_step = before_step  # type: ignore[method-assign]
+    dist = Dist()
+    try:
+        training_loop(config_from_dict(cfg_dict), dist)
+    finally:
+        dist.shutdown()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(events))
+
+
+def test_g_step_never_all_reduces_d_gradients(tmp_path: Path) -> None:
+    """D steps all-reduce only D's gradients; the G step (D frozen, called unwrapped) only G's."""
+    cfg = tiny(tmp_path / "run", train__steps=3, train__d_steps=2, **STU)
+    assert_all_succeeded(run_ranks(_phase_worker, cfg, str(tmp_path)))
+    for rank in range(2):
+        events = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        phases: list[list[str]] = [[]]
+        for event in events:
+            if event.startswith("step"):
+                phases[-1].append(event)
+                phases.append([])
+            else:
+                phases[-1].append(event)
+        phases = [p for p in phases if p]
+        assert [p[-1] for p in phases] == ["step D", "step D", "step G"] * 3
+        for phase in phases:
+            net = phase[-1].split()[1]
+            reduced = {event.split()[1] for event in phase[:-1]}
+            assert reduced == {net}, f"rank {rank}: a {net} step all-reduced {reduced}"
