@@ -41,7 +41,7 @@ the weights' values). Memory: about 5 GB per process.
 
 Usage (from the repository root)::
 
-    python benchmarks/distributed_topology.py                       # 1 rank and 2 ranks, ~7 minutes on 2 cores
+    python benchmarks/distributed_topology.py                       # 1 rank and 2 ranks, ~8 minutes on 2 cores
     python benchmarks/distributed_topology.py --reps 5              # more timed updates per case
     python benchmarks/distributed_topology.py --ranks 2             # only the 2-rank part
     python benchmarks/distributed_topology.py --config cifar10.yaml # any config with sparse.method=stu
@@ -60,6 +60,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import sys
@@ -157,15 +158,17 @@ class CountingComm:
         """Bytes and collective time of the calls since the last tally (then forgets them)."""
         update = [c for c in self.calls if c.phase != "cksum"]
         check = [c for c in self.calls if c.phase == "cksum"]
-        sent = recv = 0.0
+        wire = {kind: [0.0, 0.0] for kind in KINDS}  # [sent, received]
         for c in update:
             s, r = wire_bytes(c.kind, c.nbytes, c.root, self.rank, self.world_size)
-            sent, recv = sent + s, recv + r
+            wire[c.kind][0] += s
+            wire[c.kind][1] += r
         out = {
             "payload_bytes": {kind: sum(c.nbytes for c in update if c.kind == kind) for kind in KINDS},
             "calls": {kind: sum(1 for c in update if c.kind == kind) for kind in KINDS},
-            "sent_bytes": sent,
-            "recv_bytes": recv,
+            "wire_bytes_by_kind": wire,
+            "sent_bytes": sum(sent for sent, _ in wire.values()),
+            "recv_bytes": sum(recv for _, recv in wire.values()),
             "checksum_payload_bytes": sum(c.nbytes for c in check),
             "checksum_calls": len(check),
             "collective_s": sum(c.seconds for c in update),
@@ -302,15 +305,15 @@ def run_case(
         sections.take()
         gc.collect()
         sync.wait()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         metrics = masks.maybe_update(step)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         slowest = sync.max(seconds)
         for net in NETWORKS:
             if not metrics.get(f"sparse/{net}_mask_change", 0.0) > 0.0:
                 raise RuntimeError(f"the update at step {step} left {net}'s masks unchanged: {metrics}")
         updates.append(
-            {"step": step, "warmup": i == 0, "seconds": seconds, "slowest_rank_s": slowest}
+            {"step": step, "warmup": i == 0, "seconds": seconds, "cpu_s": cpu, "slowest_rank_s": slowest}
             | sections.take()
             | counting.tally()
         )
@@ -365,9 +368,18 @@ def worker(rank: int, world: int, port: int, threads: list[int], config: str, re
                 progress(f"{world} rank(s), {n_threads} thread(s)/rank: {label if world > 1 else 'local'}")
             case = run_case(cfg, models, snapshot, comm, sync, sharded=sharded, local_scores=local, reps=reps)
             cases.append({"threads": n_threads, "sharded": sharded, "local_scores": local} | case)
-        masked = {net: sum(m.numel() for _, m in masked_parameters(models[net], cfg.sparse.targets)) for net in NETWORKS}
+        masked = {
+            net: sum(m.numel() for _, m in masked_parameters(models[net], cfg.sparse.targets)) for net in NETWORKS
+        }
         parameters = {net: sum(p.numel() for p in models[net].parameters()) for net in NETWORKS}
-        result = {"rank": rank, "world": world, "cases": cases, "masked_weights": masked, "parameters": parameters}
+        result = {
+            "rank": rank,
+            "world": world,
+            "cases": cases,
+            "masked_weights": masked,
+            "parameters": parameters,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
+        }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
         if dist is not None:
             dist.shutdown()
@@ -439,12 +451,14 @@ def merge(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "update": summary([u["slowest_rank_s"] for u in timed[0]]),
                 "sections_slowest_rank": {key: slowest(key) for key in ("scores", "select", "cksum")},
                 "collective_s_slowest_rank": slowest("collective_s"),
+                "cpu_s_busiest_rank": slowest("cpu_s"),
                 "per_rank": [
                     {
                         key: u[key]
                         for key in (
                             "payload_bytes",
                             "calls",
+                            "wire_bytes_by_kind",
                             "sent_bytes",
                             "recv_bytes",
                             "checksum_payload_bytes",
@@ -459,6 +473,7 @@ def merge(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "checksum_bytes": max(u["checksum_payload_bytes"] for u in last),
                 "masks_digest": [c["masks_digest"] for c in per_rank],
                 "owned_weights_by_rank": case["owned_weights_by_rank"],
+                "peak_rss_gb_by_rank": [r["peak_rss_gb"] for r in ranks],
                 "raw": per_rank,
             }
         )
@@ -488,11 +503,14 @@ def print_report(result: dict[str, Any]) -> None:
         f"update step, median of {meta['reps']} after 1 warm-up"
     )
     print()
-    print("time: seconds of the slowest rank (median); scores/select/cksum: sections of it; wait: inside collectives")
+    print(
+        "time: seconds of the slowest rank (median); scores/select/cksum: sections of it; wait: inside collectives;"
+        " cpu: CPU seconds of the busiest rank"
+    )
     print("MB per rank (max over ranks): payload handed to reduce / broadcast / all_reduce; sent/recv: wire model")
     header = (
         f"{'ranks':>5} {'thr':>3} {'scheme':<8}{'scores':<7}{'update s':>9}{'IQR':>7}{'scores':>8}{'select':>8}"
-        f"{'cksum':>7}{'wait':>7} |{'reduce':>8}{'bcast':>7}{'allred':>8}{'sent':>8}{'recv':>8}{'total':>8}"
+        f"{'cksum':>7}{'wait':>7}{'cpu':>7} |{'reduce':>8}{'bcast':>7}{'allred':>8}{'sent':>8}{'recv':>8}{'total':>8}"
         f"{'cksum B':>8}"
     )
     print(header)
@@ -505,7 +523,8 @@ def print_report(result: dict[str, Any]) -> None:
             f"{row['ranks']:>5} {row['threads_per_rank']:>3} {row['scheme']:<8}{row['scores']:<7}"
             f"{row['update']['median_s']:>9.2f}{row['update']['iqr_s']:>7.2f}{sec['scores']['median_s']:>8.2f}"
             f"{sec['select']['median_s']:>8.2f}{sec['cksum']['median_s']:>7.2f}"
-            f"{row['collective_s_slowest_rank']['median_s']:>7.2f} |{pay['reduce'] / MB:>8.1f}"
+            f"{row['collective_s_slowest_rank']['median_s']:>7.2f}{row['cpu_s_busiest_rank']['median_s']:>7.2f}"
+            f" |{pay['reduce'] / MB:>8.1f}"
             f"{pay['broadcast'] / MB:>7.1f}{pay['all_reduce'] / MB:>8.1f}{row['sent_bytes_max'] / MB:>8.1f}"
             f"{row['recv_bytes_max'] / MB:>8.1f}{total / MB:>8.1f}{row['checksum_bytes']:>8}"
         )
@@ -524,6 +543,8 @@ def print_report(result: dict[str, Any]) -> None:
                 + "; collectives per update: "
                 + ", ".join(f"{kind} {per[0]['calls'][kind]}" for kind in KINDS if per[0]["calls"][kind])
             )
+    peak = {row["ranks"]: max(row["peak_rss_gb_by_rank"]) for row in rows}
+    print("peak resident memory per process: " + ", ".join(f"{n} rank(s) {gb:.1f} GB" for n, gb in peak.items()))
     for check in result["checks"]:
         print(check)
 
@@ -539,7 +560,9 @@ def check_agreement(rows: list[dict[str, Any]]) -> list[str]:
         if len(pair) == 2:
             if pair["sharded"] != pair["naive"]:
                 raise RuntimeError(f"sharded and naive ended with different masks (scores {scores}): {pair}")
-            lines.append(f"check: 2 ranks, scores {scores}: sharded and naive end with identical masks ({pair['naive']})")
+            lines.append(
+                f"check: 2 ranks, scores {scores}: sharded and naive end with identical masks ({pair['naive']})"
+            )
     return lines
 
 
@@ -549,9 +572,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default="imagenet128.yaml", help="config (sparse.method=stu); default %(default)s")
     parser.add_argument("--reps", type=int, default=3, help="timed updates per case after 1 warm-up (default 3)")
-    parser.add_argument(
-        "--ranks", choices=("1", "2", "both"), default="both", help="which part to run (default both)"
-    )
+    parser.add_argument("--ranks", choices=("1", "2", "both"), default="both", help="which part to run (default both)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a part's processes are killed")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = parser.parse_args(argv)

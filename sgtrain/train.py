@@ -21,7 +21,7 @@ import torch
 from sgtrain import checkpoint
 from sgtrain.config import Config, ConfigError, config_from_dict, config_to_dict, config_to_yaml
 from sgtrain.data.builtin import IndexStream, load_builtin
-from sgtrain.dist import Dist
+from sgtrain.dist import Dist, Network
 from sgtrain.ema import EMA
 from sgtrain.flops import flops_report, gan_iteration_flops, network_flops
 from sgtrain.images import save_grid
@@ -184,8 +184,6 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         D.load_state_dict(state["D"])
         ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
         ema.load_state_dict(state["ema"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
         masks.load_state_dict(state["masks"])
         step, position = int(state["step"]), int(state["position"])
         flops = {key: float(value) for key, value in state["flops"].items()}
@@ -207,7 +205,17 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         for module in G.modules():  # after the EMA's copy of G, which must stay free of collectives
             if isinstance(module, CrossReplicaBatchNorm2d):
                 module.sum_over_replicas = dist.sum_with_grad
-    G_ddp, D_ddp = dist.prepare(G), dist.prepare(D)
+    # Wrap G and D for data-parallel training: DDP, or DeepSpeed engines under a DeepSpeed launch. An engine copies
+    # the weights into its fp32 master partitions now, so masks and resumed weights are in place before this.
+    nets: dict[str, Network] = {}
+    if dist.uses_deepspeed:
+        masks.attach_to_engine(lambda net, param, where: nets[net].zero_state(param, where))
+    for net, module, optimizer in (("G", G, opt_g), ("D", D, opt_d)):
+        nets[net] = dist.wrap(module, optimizer, micro_batch=micro, accumulation=t.accumulation)
+    if latest is not None:
+        nets["G"].load_optimizer_state(latest[1]["opt_g"])
+        nets["D"].load_optimizer_state(latest[1]["opt_d"])
+    G_net, D_net = nets["G"], nets["D"]
     stream = IndexStream(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     autocast = (
         torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
@@ -228,6 +236,8 @@ def training_loop(cfg: Config, dist: Dist) -> None:
     dist.barrier()
 
     def save() -> None:
+        # Under DeepSpeed the optimizer states are gathered from every rank's partition: all ranks take part.
+        optimizer_states = {"opt_g": G_net.optimizer_state(), "opt_d": D_net.optimizer_state()}
         if dist.is_main:
             state = {
                 "step": step,
@@ -236,8 +246,7 @@ def training_loop(cfg: Config, dist: Dist) -> None:
                 "G": G.state_dict(),
                 "D": D.state_dict(),
                 "ema": ema.state_dict(),
-                "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(),
+                **optimizer_states,
                 "masks": masks.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
                 "config": config_to_dict(cfg),
@@ -270,9 +279,9 @@ def training_loop(cfg: Config, dist: Dist) -> None:
 
         # Update discriminator.
         G.train()
-        D_ddp.train()
+        D_net.forward.train()
         for _ in range(t.d_steps):
-            opt_d.zero_grad(set_to_none=True)
+            D_net.zero_grad()
             for rnd in range(t.accumulation):
                 index = stream.indices(position, micro_global)
                 position += micro_global
@@ -281,29 +290,29 @@ def training_loop(cfg: Config, dist: Dist) -> None:
                 with torch.no_grad(), autocast:
                     fake = G(z, y_fake)
                 # One D pass over real and fake together, as BigGAN does: half the kernel launches.
-                with dist.no_sync(D_ddp, skip=rnd < t.accumulation - 1), autocast:
-                    logits = D_ddp(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
+                with D_net.accumulating(last=rnd == t.accumulation - 1), autocast:
+                    logits = D_net.forward(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
                     loss_real, loss_fake = d_hinge(logits[:micro], logits[micro:])
-                    ((loss_real + loss_fake) / t.accumulation).backward()
+                    D_net.backward((loss_real + loss_fake) / t.accumulation)
                 sums["d_loss_real"] = sums.get("d_loss_real", 0.0) + loss_real.detach() / t.accumulation
                 sums["d_loss_fake"] = sums.get("d_loss_fake", 0.0) + loss_fake.detach() / t.accumulation
             masks.before_step("D")
-            opt_d.step()
+            D_net.optimizer_step()
             masks.after_step("D")
 
         # Update generator. D's parameters are frozen and D is called unwrapped, so this backward neither
-        # produces D gradients nor makes DDP all-reduce them.
+        # produces D gradients nor makes DDP (or a DeepSpeed engine) reduce them.
         D.requires_grad_(False)
-        opt_g.zero_grad(set_to_none=True)
+        G_net.zero_grad()
         for rnd in range(t.accumulation):
             z, y = latents()
-            with dist.no_sync(G_ddp, skip=rnd < t.accumulation - 1), autocast:
-                g_loss = g_hinge(D(G_ddp(z, y), y))
-                (g_loss / t.accumulation).backward()
+            with G_net.accumulating(last=rnd == t.accumulation - 1), autocast:
+                g_loss = g_hinge(D(G_net.forward(z, y), y))
+                G_net.backward(g_loss / t.accumulation)
             sums["g_loss"] = sums.get("g_loss", 0.0) + g_loss.detach() / t.accumulation
         D.requires_grad_(True)
         masks.before_step("G")
-        opt_g.step()
+        G_net.optimizer_step()
         masks.after_step("G")
         step += 1
 

@@ -14,6 +14,7 @@ every update the ranks compare mask checksums (``sgtrain/sparse/sync.py``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ class Layer:
     ema_mask: torch.Tensor | None = field(default=None, repr=False)  # the mask the EMA saw last (G only)
     score: torch.Tensor | None = field(default=None, repr=False)  # signed gradient (or momentum) for the next update
     owner: int = 0  # the rank that computes this layer's topology updates
+    pending: torch.Tensor | None = field(default=None, repr=False)  # this step's dense gradient, summed in hooks
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -116,6 +118,9 @@ class MaskManager:
         self.comm: Comm = comm if comm is not None else LocalComm()
         self.local_scores = local_scores
         self.sharded = sharded
+        self.hooked = False  # gradients masked in autograd hooks (attach_to_engine) rather than in before_step
+        # Clears param and its optimizer slots at positions that leave or enter the topology.
+        self.zero_state: Callable[[str, nn.Parameter, torch.Tensor], None] = self._zero_torch_optimizer_state
         self.step = 0  # completed G steps
         self.snip_pending = {net: cfg.method == "snip" for net in NETWORKS}
         self.last_change: dict[str, float] = {}
@@ -209,31 +214,66 @@ class MaskManager:
 
     @torch.no_grad()
     def before_step(self, net: str) -> None:
-        """Between backward and ``opt.step()``: read dense gradients for grow scores, then mask the gradients."""
+        """Between backward and ``opt.step()``: read dense gradients for grow scores, then mask the gradients.
+
+        Attached to an engine (:meth:`attach_to_engine`), the hooks have masked the gradients already and kept the
+        dense ones of this step for the scores; what is left is to take those into the scores.
+        """
         layers = self.layers[net]
         if not layers:
             return
         if self.snip_pending[net]:
             self._snip(net)
-        # Scores only for layers an update can change: a dense layer's would never be read, yet would be carried
-        # (and checkpointed) for the rest of the run.
-        if self.explores[net] and self.schedule.is_update_step(self.step + 1):
-            mode = self.grow[net]
-            for layer in layers:
-                if mode == "gradient" and layer.param.grad is not None and layer.density < 1.0:
-                    # The dense gradient, read before it is masked; signed, because local gradients of several
-                    # ranks must be summed before the magnitude is taken.
-                    layer.score = layer.param.grad.clone()
-        if self.explores[net] and self.grow[net] == "momentum":
-            for layer in layers:
-                if layer.param.grad is None or layer.density >= 1.0:
-                    continue
-                if layer.score is None:
-                    layer.score = torch.zeros_like(layer.param)
-                layer.score.mul_(GRAD_MOMENTUM).add_(layer.param.grad, alpha=1 - GRAD_MOMENTUM)
-        with_grad = [layer for layer in layers if layer.param.grad is not None]
-        if with_grad:
-            torch._foreach_mul_([layer.param.grad for layer in with_grad], [layer.fmask for layer in with_grad])
+        for layer in layers:
+            grad = layer.pending if self.hooked else layer.param.grad
+            layer.pending = None
+            if grad is not None and self._wants_gradient(layer):
+                self._take_score(layer, grad)
+        if not self.hooked:
+            with_grad = [layer for layer in layers if layer.param.grad is not None]
+            if with_grad:
+                torch._foreach_mul_([layer.param.grad for layer in with_grad], [layer.fmask for layer in with_grad])
+
+    def _wants_gradient(self, layer: Layer) -> bool:
+        """Whether this step's dense gradient of ``layer`` feeds a grow score. Only for layers an update can change:
+        a dense layer's would never be read, yet would be carried (and checkpointed) for the rest of the run."""
+        if not self.explores[layer.net] or layer.density >= 1.0:
+            return False
+        mode = self.grow[layer.net]
+        return mode == "momentum" or (mode == "gradient" and self.schedule.is_update_step(self.step + 1))
+
+    def _take_score(self, layer: Layer, grad: torch.Tensor) -> None:
+        if self.grow[layer.net] == "gradient":
+            # The dense gradient, read before it is masked; signed, because local gradients of several ranks must
+            # be summed before the magnitude is taken.
+            layer.score = grad.clone()
+        else:
+            if layer.score is None:
+                layer.score = torch.zeros_like(layer.param)
+            layer.score.mul_(GRAD_MOMENTUM).add_(grad, alpha=1 - GRAD_MOMENTUM)
+
+    def attach_to_engine(self, zero_state: Callable[[str, nn.Parameter, torch.Tensor], None]) -> None:
+        """Work with an engine that consumes gradients during backward and owns the optimizer state (DeepSpeed
+        ZeRO-1/2): by the time ``before_step`` runs, the gradients are reduced, partitioned and applied.
+
+        Gradients are then masked in autograd hooks, as each accumulation round produces them and before the engine
+        sees them; the dense gradients of a step are summed there for the grow scores, which are this rank's own and
+        so are summed across ranks at an update (``local_scores``). Topology changes clear optimizer state through
+        ``zero_state(net, param, where)``, a collective that every rank calls for the same weights in the same order.
+        Call before the engine is built. SNIP reads whole gradients at its first step and is not supported here.
+        """
+        if self.cfg.method == "snip":
+            raise ConfigError("sparse.method=snip is not supported under DeepSpeed yet (it reads whole gradients)")
+        self.hooked = True
+        self.local_scores = True
+        self.zero_state = zero_state
+        for layer in self._all_layers():
+            layer.param.register_hook(functools.partial(self._gradient_hook, layer))
+
+    def _gradient_hook(self, layer: Layer, grad: torch.Tensor) -> torch.Tensor:
+        if self._wants_gradient(layer):
+            layer.pending = grad.detach().clone() if layer.pending is None else layer.pending + grad.detach()
+        return grad * layer.fmask
 
     @torch.no_grad()
     def after_step(self, net: str) -> None:
@@ -314,7 +354,7 @@ class MaskManager:
             # Adam's moments of a grown weight start from nothing (not from stale values of an earlier life).
             layer.param.masked_fill_(changed, 0.0)
             self._drop_from_ema(layer, changed)
-            _zero_optimizer_state(self.optimizers[net], layer.param, changed)
+            self.zero_state(net, layer.param, changed)
             layer.mask = new_mask
             layer.union |= new_mask
             if mode == "gradient":
@@ -373,6 +413,9 @@ class MaskManager:
                     new[layer.index] = unpack_mask(part, layer.param.shape).to(layer.param.device)
         return [new[layer.index] for layer in layers]
 
+    def _zero_torch_optimizer_state(self, net: str, param: nn.Parameter, where: torch.Tensor) -> None:
+        _zero_optimizer_state(self.optimizers[net], param, where)
+
     def _drop_from_ema(self, layer: Layer, removed: torch.Tensor) -> None:
         """Removed G weights leave the EMA at once, so a sample or checkpoint taken right after an update already
         uses G's new topology; grown ones still take G's value at the next ``after_ema``."""
@@ -406,7 +449,7 @@ class MaskManager:
             pruned = layer.mask & ~new_mask
             layer.param.masked_fill_(pruned, 0.0)
             self._drop_from_ema(layer, pruned)
-            _zero_optimizer_state(self.optimizers[net], layer.param, pruned)
+            self.zero_state(net, layer.param, pruned)
             removed += int(pruned.sum())
             before += layer.count
             layer.mask, layer.count = new_mask, int(new_mask.sum())
