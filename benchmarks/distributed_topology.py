@@ -343,6 +343,7 @@ def worker(rank: int, world: int, port: int, threads: list[int], config: str, re
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
                 ACCELERATE_USE_CPU="1",
+                OMP_NUM_THREADS="1",  # what Accelerate would set (with a warning); the ranks use 1 thread anyway
             )
             from sgtrain.dist import Dist
 
@@ -541,7 +542,7 @@ def print_report(result: dict[str, Any]) -> None:
                 f"  {row['scheme']:<8}scores {row['scores']:<6}sent/recv MB by rank: "
                 + ", ".join(f"r{i} {p['sent_bytes'] / MB:.1f}/{p['recv_bytes'] / MB:.1f}" for i, p in enumerate(per))
                 + "; collectives per update: "
-                + ", ".join(f"{kind} {per[0]['calls'][kind]}" for kind in KINDS if per[0]["calls"][kind])
+                + (", ".join(f"{kind} {per[0]['calls'][kind]}" for kind in KINDS if per[0]["calls"][kind]) or "none")
             )
     peak = {row["ranks"]: max(row["peak_rss_gb_by_rank"]) for row in rows}
     print("peak resident memory per process: " + ", ".join(f"{n} rank(s) {gb:.1f} GB" for n, gb in peak.items()))
