@@ -198,11 +198,13 @@ class Dist:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def shutdown(self) -> None:
-        """Leave the process group cleanly; gloo aborts at exit in a fraction of runs otherwise."""
+    def shutdown(self, clean: bool = True) -> None:
+        """Leave the process group: after a barrier when every rank finished (gloo aborts at exit in a fraction of
+        runs otherwise), without one when this rank is failing (the others may never reach it)."""
         gc.collect()
-        self.barrier()
-        if self.accelerator is not None:
+        if clean:
+            self.barrier()
+        if self.accelerator is not None and clean:
             self.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -298,6 +300,8 @@ class Network:
         step otherwise. Under DeepSpeed a collective: every rank calls it for the same weights in the same order."""
         with torch.no_grad():
             param.masked_fill_(where, 0.0)
+            if not bool(where.any()):
+                return  # the same answer on every rank, so skipping the collectives below is safe
             if self.engine is None:
                 for value in self.optimizer.state.get(param, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
@@ -330,10 +334,15 @@ def deepspeed_config_from_env(environ: Mapping[str, str]) -> dict[str, Any] | No
     except (OSError, json.JSONDecodeError) as error:
         raise ConfigError(f"DeepSpeed config {path}: {error}") from None
     stage = _zero_stage(config)
-    if stage not in (0, 1, 2):
+    if stage == 3:
         raise ConfigError(
-            f"DeepSpeed config {path}: ZeRO stage {stage} shards the weights themselves; sgtrain's masks need whole "
-            "tensors, so stages 0, 1 and 2 are supported (README, Distributed training)"
+            f"DeepSpeed config {path}: ZeRO stage 3 shards the weights themselves; sgtrain's masks need whole "
+            "tensors, so stages 1 and 2 are supported (README, Distributed training)"
+        )
+    if stage not in (1, 2):
+        raise ConfigError(
+            f"DeepSpeed config {path}: ZeRO stage {stage}: stages 1 and 2 are supported (without ZeRO, launch with "
+            "DDP: launchers/cpu_2proc.yaml, gpu_8.yaml)"
         )
     for key in ("fp16", "bf16"):
         if config.get(key, {}).get("enabled") in (True, "true", "auto"):

@@ -145,9 +145,13 @@ def train(cfg: Config) -> Path:
     dist = Dist()
     try:
         training_loop(cfg, dist)
-    finally:
-        # The loop's models and optimizers are freed by now, which a clean gloo shutdown needs.
-        dist.shutdown()
+    except BaseException:
+        # No barrier on the way out: if this rank failed alone, the others are not at one, and pairing with a later
+        # barrier of theirs would let them train on against a peer that is gone.
+        dist.shutdown(clean=False)
+        raise
+    # The loop's models and optimizers are freed by now, which a clean gloo shutdown needs.
+    dist.shutdown()
     return Path(cfg.run_dir)
 
 
@@ -190,6 +194,12 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    # Every rank picked its checkpoint itself (shared storage can disagree, e.g. NFS caching or a damaged newest
+    # file seen by one node only) and drew or loaded its masks: all must start from the same step and topology.
+    steps = torch.tensor([step], dtype=torch.int64)
+    if int(dist.all_reduce(steps.clone(), "min")) != int(dist.all_reduce(steps.clone(), "max")):
+        raise checkpoint.CheckpointError(f"the ranks found different latest checkpoints in {run_dir / 'checkpoints'}")
+    masks.check_identical("at the start of the run")
     # FLOPs of every weight layer per image, measured once; a step's cost then follows the masks' densities.
     layer_flops = flops_report(
         G,
@@ -290,10 +300,11 @@ def training_loop(cfg: Config, dist: Dist) -> None:
                 with torch.no_grad(), autocast:
                     fake = G(z, y_fake)
                 # One D pass over real and fake together, as BigGAN does: half the kernel launches.
-                with D_net.accumulating(last=rnd == t.accumulation - 1), autocast:
-                    logits = D_net.forward(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
-                    loss_real, loss_fake = d_hinge(logits[:micro], logits[micro:])
-                    D_net.backward((loss_real + loss_fake) / t.accumulation)
+                with D_net.accumulating(last=rnd == t.accumulation - 1):
+                    with autocast:
+                        logits = D_net.forward(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
+                        loss_real, loss_fake = d_hinge(logits[:micro], logits[micro:])
+                    D_net.backward((loss_real + loss_fake) / t.accumulation)  # (a DeepSpeed step: not under autocast)
                 sums["d_loss_real"] = sums.get("d_loss_real", 0.0) + loss_real.detach() / t.accumulation
                 sums["d_loss_fake"] = sums.get("d_loss_fake", 0.0) + loss_fake.detach() / t.accumulation
             masks.before_step("D")
@@ -306,8 +317,9 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         G_net.zero_grad()
         for rnd in range(t.accumulation):
             z, y = latents()
-            with G_net.accumulating(last=rnd == t.accumulation - 1), autocast:
-                g_loss = g_hinge(D(G_net.forward(z, y), y))
+            with G_net.accumulating(last=rnd == t.accumulation - 1):
+                with autocast:
+                    g_loss = g_hinge(D(G_net.forward(z, y), y))
                 G_net.backward(g_loss / t.accumulation)
             sums["g_loss"] = sums.get("g_loss", 0.0) + g_loss.detach() / t.accumulation
         D.requires_grad_(True)

@@ -113,6 +113,8 @@ class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.momentum is None or not self.track_running_stats:
+            raise ValueError("CrossReplicaBatchNorm2d keeps running statistics with a fixed momentum")
         self.sum_over_replicas: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -264,6 +264,10 @@ class MaskManager:
         """
         if self.cfg.method == "snip":
             raise ConfigError("sparse.method=snip is not supported under DeepSpeed yet (it reads whole gradients)")
+        if any(self.explores[net] and self.grow[net] == "momentum" for net in NETWORKS):
+            # Each rank's momentum would be its own (local scores), and a checkpoint holds rank 0's only: a resume
+            # could not continue the sum over ranks exactly.
+            raise ConfigError("sparse.grow_g/grow_d=momentum is not supported under DeepSpeed yet; use gradient")
         self.hooked = True
         self.local_scores = True
         self.zero_state = zero_state
@@ -473,6 +477,13 @@ class MaskManager:
         if self.comm.world_size == 1:
             return None
         return torch.tensor([mask_checksum(layer.mask) for layer in self._all_layers()], dtype=torch.int64)
+
+    def check_identical(self, when: str) -> None:
+        """Stop on every rank if the ranks hold different masks (after drawing or loading them, say)."""
+        checksums = self._checksums()
+        if checksums is not None:
+            names = [f"{layer.net}.{layer.name}" for layer in self._all_layers()]
+            assert_identical(names, checksums, self.comm, when)
 
     def _check_consistent(self, entering: torch.Tensor | None) -> None:
         """Stop on every rank if any rank holds a different mask, entering the update or after it."""
