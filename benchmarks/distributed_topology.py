@@ -31,7 +31,9 @@ layers) is counted and timed separately ("cksum"); it is included in the update'
 
 The time breakdown ("scores", "select", "cksum") comes from timing the manager's ``_reduced_scores``,
 ``_owners_compute`` and checksum methods, wrapped on the instance only (the code that runs is unchanged); "wait" is
-the time spent inside collectives, which includes waiting for the other rank.
+the time spent inside collectives, which includes waiting for the other rank (for a mask broadcast: until its owner
+has selected its layers); "cpu" is the busiest rank's CPU time (user + system) during the update, a figure that other
+load on the machine disturbs less than wall time.
 
 Two ranks are two processes started here with ``torch.multiprocessing`` ("spawn") and the environment
 ``accelerate launch`` sets (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ACCELERATE_USE_CPU=1), so that ``sgtrain.dist.Dist``
@@ -41,7 +43,7 @@ the weights' values). Memory: about 5 GB per process.
 
 Usage (from the repository root)::
 
-    python benchmarks/distributed_topology.py                       # 1 rank and 2 ranks, ~8 minutes on 2 cores
+    python benchmarks/distributed_topology.py                       # 1 rank and 2 ranks, 5-9 minutes on 2 cores
     python benchmarks/distributed_topology.py --reps 5              # more timed updates per case
     python benchmarks/distributed_topology.py --ranks 2             # only the 2-rank part
     python benchmarks/distributed_topology.py --config cifar10.yaml # any config with sparse.method=stu

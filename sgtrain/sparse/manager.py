@@ -399,15 +399,16 @@ class MaskManager:
         world = self.comm.world_size
         if world == 1 or not self.sharded:
             return [select(layer) for layer in layers]
-        new: dict[int, torch.Tensor] = {}
+        # Every owner selects all of its layers first, at the same time as the others; only then do the masks travel
+        # (one broadcast per owner, in rank order). Selecting inside the broadcast loop would leave each rank waiting
+        # while the owners before it select: the sum of all owners' work rather than the largest share.
+        new = {layer.index: select(layer) for layer in layers if layer.owner == self.comm.rank}
         for rank in range(world):
             group = [layer for layer in layers if layer.owner == rank]
             if not group:
                 continue
             sizes = [(layer.numel + 7) // 8 for layer in group]
             if rank == self.comm.rank:
-                for layer in group:
-                    new[layer.index] = select(layer)
                 packed = torch.cat([pack_mask(new[layer.index]) for layer in group])
             else:
                 packed = torch.empty(sum(sizes), dtype=torch.uint8, device=group[0].param.device)
