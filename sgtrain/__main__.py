@@ -90,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from sgtrain.checkpoint import CheckpointError
     from sgtrain.config import ConfigError
+    from sgtrain.data.stream import DataError
     from sgtrain.dist import LaunchError
     from sgtrain.sparse.sync import MaskDivergenceError
 
     commands = {"train": train, "print-config": print_config, "inspect": inspect, "flops": flops}
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
-    except (ConfigError, CheckpointError, LaunchError) as error:
+    except (ConfigError, CheckpointError, LaunchError, DataError) as error:
         print(f"sgtrain: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except MaskDivergenceError as error:

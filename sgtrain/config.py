@@ -78,11 +78,18 @@ class DataConfig:
     """Where training images come from."""
 
     dataset: str = "digits"  # bundled real data when no shards are given: digits | mnist5k
-    shards: str | None = None  # webdataset shard pattern (e.g. /data/train-{000000..000639}.tar)
-    num_workers: int = 0  # data-loader worker processes per rank
+    # webdataset shards (`python -m sgtrain make-shards`): a brace pattern (/data/train-{000000..000639}.tar), a
+    # directory of shards with its manifest.json, or any URL webdataset opens (pipe:, http://)
+    shards: str | None = None
+    num_workers: int = 0  # data-loader worker processes per rank (shards only; each needs a shard of its own)
+    resampled: bool = False  # shards drawn with replacement (infinite, no epochs) instead of disjoint per worker
+    max_bad_fraction: float = 0.001  # corrupt samples are skipped and counted; past this fraction the run stops
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(
+            0.0 <= self.max_bad_fraction < 1.0, f"data.max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}"
+        )
         _check(bool(self.dataset), "data.dataset must name a bundled dataset")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from sgtrain import checkpoint
 from sgtrain.config import Config, ConfigError, config_from_dict, config_to_dict, config_to_yaml
 from sgtrain.data.builtin import IndexStream, load_builtin
+from sgtrain.data.stream import ShardLoader, resolve_shards
 from sgtrain.dist import Dist, Network
 from sgtrain.ema import EMA
 from sgtrain.flops import flops_report, gan_iteration_flops, network_flops
@@ -140,6 +142,40 @@ def _check_resumable(cfg: Config, saved: dict[str, Any], path: Path) -> None:
         raise ConfigError(f"{path} was trained with other settings ({'; '.join(diff)}); use a new run_dir")
 
 
+DATA_FIELDS = ("next", "good", "bad")  # a rank's stream state besides its per-worker offsets
+
+
+def _gather_data_state(loader: ShardLoader, dist: Dist) -> dict[str, Any]:
+    """Every rank's stream position (per-worker offsets and the rest), for rank 0's checkpoint."""
+    state = loader.state_dict()
+    row = torch.tensor(state["offsets"] + [state[key] for key in DATA_FIELDS], dtype=torch.int64)
+    table = torch.zeros(dist.world_size, len(row), dtype=torch.int64)
+    table[dist.rank] = row
+    table = dist.all_reduce(table, "sum")
+    workers = len(state["offsets"])
+    ranks = [
+        {"offsets": r[:workers].tolist(), **dict(zip(DATA_FIELDS, r[workers:].tolist(), strict=True))} for r in table
+    ]
+    return {"world_size": dist.world_size, "workers": workers, "ranks": ranks}
+
+
+def _rank_data_state(saved: dict[str, Any] | None, dist: Dist, workers: int, step: int) -> dict[str, Any] | None:
+    """This rank's saved stream position, if the checkpoint was written by as many ranks and workers as now."""
+    if saved is None:
+        return None
+    if saved["world_size"] == dist.world_size and saved["workers"] == max(workers, 1):
+        return saved["ranks"][dist.rank]
+    if dist.is_main:
+        print(
+            f"sgtrain: warning: the checkpoint's data position is for {saved['world_size']} ranks x {saved['workers']} "
+            f"workers, this run has {dist.world_size} x {max(workers, 1)}: the streams restart from their beginning "
+            f"at step {step}, so some samples are seen again before others",
+            file=sys.stderr,
+            flush=True,
+        )
+    return None
+
+
 def train(cfg: Config) -> Path:
     """Train ``cfg`` to ``cfg.train.steps`` G steps, resuming from the run directory's latest checkpoint."""
     dist = Dist()
@@ -168,10 +204,18 @@ def training_loop(cfg: Config, dist: Dist) -> None:
     micro = micro_global // dist.world_size  # images per rank per forward pass
     mine = slice(dist.rank * micro, (dist.rank + 1) * micro)  # this rank's share of a global micro-batch
     if cfg.data.shards is not None:
-        raise ConfigError("data.shards: streaming from webdataset shards is not available yet; use data.dataset")
-    data = load_builtin(cfg.data.dataset, cfg.model.resolution)
-    if data.n_classes > cfg.model.n_classes:
-        raise ConfigError(f"data.dataset {data.name} has {data.n_classes} classes but model.n_classes is smaller")
+        shards = resolve_shards(cfg.data.shards)
+        if shards.resolution is not None and shards.resolution != cfg.model.resolution:
+            raise ConfigError(
+                f"data.shards hold {shards.resolution} px images (manifest.json), model.resolution is "
+                f"{cfg.model.resolution}"
+            )
+        if shards.num_classes is not None and shards.num_classes > cfg.model.n_classes:
+            raise ConfigError(f"data.shards hold {shards.num_classes} classes but model.n_classes is smaller")
+    else:
+        data = load_builtin(cfg.data.dataset, cfg.model.resolution)
+        if data.n_classes > cfg.model.n_classes:
+            raise ConfigError(f"data.dataset {data.name} has {data.n_classes} classes but model.n_classes is smaller")
 
     # Build models, optimizers and the mask manager; resume from the latest complete checkpoint, if any.
     G, D, opt_g, opt_d, masks = build_training(cfg, dist.device, comm=dist)
@@ -226,7 +270,32 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         nets["G"].load_optimizer_state(latest[1]["opt_g"])
         nets["D"].load_optimizer_state(latest[1]["opt_d"])
     G_net, D_net = nets["G"], nets["D"]
-    stream = IndexStream(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    # Real images: a rank's slice of each global batch of the bundled data, or its own stream of the shards.
+    loader = None
+    if cfg.data.shards is not None:
+        saved = latest[1].get("data") if latest is not None else None
+        loader = ShardLoader(
+            shards,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            workers=cfg.data.num_workers,
+            batch_size=micro,
+            resolution=cfg.model.resolution,
+            num_classes=cfg.model.n_classes,
+            resampled=cfg.data.resampled,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+            state=_rank_data_state(saved, dist, cfg.data.num_workers, step),
+        )
+    else:
+        stream = IndexStream(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+
+    def real_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        if loader is not None:
+            return loader.next()
+        index = stream.indices(position, micro_global)
+        return data.images[index], data.labels[index]
+
     autocast = (
         torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
         if t.mixed_precision == "bf16"
@@ -246,8 +315,10 @@ def training_loop(cfg: Config, dist: Dist) -> None:
     dist.barrier()
 
     def save() -> None:
-        # Under DeepSpeed the optimizer states are gathered from every rank's partition: all ranks take part.
+        # Under DeepSpeed the optimizer states are gathered from every rank's partition, and every rank's stream
+        # position is gathered too: all ranks take part.
         optimizer_states = {"opt_g": G_net.optimizer_state(), "opt_d": D_net.optimizer_state()}
+        data_state = _gather_data_state(loader, dist) if loader is not None else None
         if dist.is_main:
             state = {
                 "step": step,
@@ -261,6 +332,8 @@ def training_loop(cfg: Config, dist: Dist) -> None:
                 "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
                 "config": config_to_dict(cfg),
             }
+            if data_state is not None:
+                state["data"] = data_state
             checkpoint.save_checkpoint(run_dir, step, state, keep=t.keep_checkpoints)
         dist.barrier()
 
@@ -293,9 +366,9 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         for _ in range(t.d_steps):
             D_net.zero_grad()
             for rnd in range(t.accumulation):
-                index = stream.indices(position, micro_global)
+                real, y_real = real_batch()
+                real, y_real = real.to(dist.device), y_real.to(dist.device)
                 position += micro_global
-                real, y_real = data.images[index].to(dist.device), data.labels[index].to(dist.device)
                 z, y_fake = latents()
                 with torch.no_grad(), autocast:
                     fake = G(z, y_fake)
@@ -347,6 +420,8 @@ def training_loop(cfg: Config, dist: Dist) -> None:
             for name, total in sums.items():
                 record[name] = float(dist.mean(total)) / (interval_steps * (t.d_steps if "d_" in name else 1))
             record["images_per_s"] = interval_steps * t.d_steps * t.batch_size / max(elapsed, 1e-9)
+            if loader is not None:  # corrupt samples skipped so far, all ranks
+                record["data/bad_samples"] = int(dist.all_reduce(torch.tensor([loader.bad]), "sum"))
             record.update(topology)  # the latest topology update's figures, once
             topology = {}
             if not all(math.isfinite(v) for v in record.values()):

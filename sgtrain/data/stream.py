@@ -282,7 +282,11 @@ class ShardLoader:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch ``(images [B, 3, R, R], labels [B])``."""
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except DataError as error:  # from a worker process: keep its own words, not the wrapped traceback
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
         self.offsets[batch["worker"]] = batch["offset"]
         self.next_worker = (batch["worker"] + 1) % self.logical_workers
         self.good += len(batch["labels"])
