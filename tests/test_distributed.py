@@ -495,3 +495,18 @@ def test_momentum_growth_is_refused_under_an_engine(tmp_path: Path) -> None:
     _, _, _, _, masks = build_training(cfg)
     with pytest.raises(ConfigError, match="momentum is not supported under DeepSpeed"):
         masks.attach_to_engine(lambda net, param, where: None)
+
+
+def test_two_ranks_train_on_shards_and_checkpoint_both_positions(tmp_path: Path) -> None:
+    """Each rank streams its own shards (2 ranks x 2 workers = 4 slots) and rank 0's checkpoint holds the stream
+    positions of both ranks, which together read the global batches."""
+    from test_stream import write_shards
+
+    write_shards(tmp_path / "shards", shards=4, per_shard=6, size=32)
+    cfg = tiny(tmp_path / "run", train__steps=3, data__shards=str(tmp_path / "shards"), data__num_workers=2)
+    assert_all_succeeded(run_ranks(_train, cfg, None))
+    data = _final_state(tmp_path / "run")["data"]
+    assert data["world_size"] == 2 and data["workers"] == 2
+    # 3 steps x 1 D step x 8 images, 4 per rank, in batches of 4 alternating between each rank's 2 workers.
+    assert [sum(rank["offsets"]) for rank in data["ranks"]] == [12, 12]
+    assert [rank["next"] for rank in data["ranks"]] == [1, 1]

@@ -154,10 +154,12 @@ def _encode(item: str | np.ndarray, *, resolution: int, image_format: str, quali
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
+    # Crop first, as BigGAN's CenterCropLongEdge: resize(box=...) would let the kernel read pixels outside the square.
+    image = image.crop((left, top, left + side, top + side))
     # PIL widens the bicubic kernel by the scale factor when downscaling, so every source pixel in the footprint
     # contributes: the resize is antialiased (torch's interpolate is not, without antialias=True). A source
     # smaller than the target is upsampled with the same filter.
-    image = image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     if image_format == "jpg":
         # 4:4:4 (no chroma subsampling): at 128 px and below, halving colour resolution visibly blurs edges.
