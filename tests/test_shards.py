@@ -45,7 +45,7 @@ def tree(tmp_path: Path) -> tuple[Path, list[tuple[str, int, tuple[int, int, int
     _save(a / "sub" / "e.JPEG", Image.new("RGB", (5, 7), (250, 250, 10)), quality=95, subsampling=0)  # upsampled
     _save(b / "a.JPEG", Image.new("CMYK", (64, 31), (0, 200, 200, 30)), quality=95)
     _save(b / "b.bmp", Image.new("RGB", (100, 100), (10, 10, 10)))
-    _save(b / "c.gif", Image.new("P", (33, 21), 5))  # palette index 5 of the web palette
+    _save(b / "c.gif", Image.new("RGB", (33, 21), (255, 128, 0)).convert("P", palette=Image.Palette.ADAPTIVE))
     (b / "corrupt.JPEG").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     _save(c / "a.png", Image.new("RGB", (40, 80), (128, 128, 128)))
     noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -55,7 +55,6 @@ def tree(tmp_path: Path) -> tuple[Path, list[tuple[str, int, tuple[int, int, int
     _save(c / "z.TIFF", Image.new("RGB", (90, 45), (60, 0, 120)))
     (c / "notes.txt").write_text("not an image")
     (root / "LICENSE.txt").write_text("not a class")
-    gif_colour = Image.new("P", (1, 1), 5).convert("RGB").getpixel((0, 0))
     good = [
         (f"{CLASSES[0]}/a.JPEG", 0, (200, 30, 30)),
         (f"{CLASSES[0]}/b.JPEG", 0, (90, 90, 90)),
@@ -64,7 +63,7 @@ def tree(tmp_path: Path) -> tuple[Path, list[tuple[str, int, tuple[int, int, int
         (f"{CLASSES[0]}/sub/e.JPEG", 0, (250, 250, 10)),
         (f"{CLASSES[1]}/a.JPEG", 1, _rgb("CMYK", (0, 200, 200, 30))),
         (f"{CLASSES[1]}/b.bmp", 1, (10, 10, 10)),
-        (f"{CLASSES[1]}/c.gif", 1, gif_colour),
+        (f"{CLASSES[1]}/c.gif", 1, (255, 128, 0)),
         (f"{CLASSES[2]}/a.png", 2, (128, 128, 128)),
         (f"{CLASSES[2]}/z.TIFF", 2, (60, 0, 120)),
     ]
