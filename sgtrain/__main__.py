@@ -22,6 +22,8 @@ COMMANDS = {
     "print-config": "print the resolved config as YAML: [--config FILE] [--section.key=value ...]",
     "inspect": "masks of a run's latest checkpoint (or a checkpoint file): RUN_DIR_OR_CHECKPOINT [--json]",
     "flops": "inference and training FLOPs, dense and sparse: [--config FILE] [--section.key=value ...] [--json]",
+    "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|digits|mnist5k --out DIR "
+    "--resolution R [--shard-size N] [--format jpg|png] [--workers N]",
 }
 
 
@@ -63,6 +65,23 @@ def flops(config: str | None = None, json: bool = False, **overrides: Any) -> No
     print(json_module.dumps(report) if json else format_config_flops(report))
 
 
+def make_shards(
+    source: str,
+    out: str,
+    resolution: int,
+    shard_size: int = 2000,
+    format: str = "jpg",
+    workers: int | None = None,
+    quality: int = 95,
+) -> None:
+    """Centre-crop, resize (antialiased) and write ``source`` as tar shards with a class map and a manifest."""
+    from sgtrain.data.shards import make_shards as write
+
+    write(
+        source, out, resolution=resolution, shard_size=shard_size, image_format=format, workers=workers, quality=quality
+    )
+
+
 def _usage() -> str:
     lines = ["usage: python -m sgtrain [COMMAND] [--config FILE] [--section.key=value ...]", "", "commands:"]
     lines += [f"  {name:<14}{text}" for name, text in COMMANDS.items()]
@@ -95,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from sgtrain.sparse.sync import MaskDivergenceError
 
     commands = {"train": train, "print-config": print_config, "inspect": inspect, "flops": flops}
+    commands["make-shards"] = make_shards
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
     except (ConfigError, CheckpointError, LaunchError, DataError) as error:

@@ -79,7 +79,8 @@ class DataConfig:
 
     dataset: str = "digits"  # bundled real data when no shards are given: digits | mnist5k
     # webdataset shards (`python -m sgtrain make-shards`): a brace pattern (/data/train-{000000..000639}.tar), a
-    # directory of shards with its manifest.json, or any URL webdataset opens (pipe:, http://)
+    # directory of shards with its manifest.json, any URL webdataset opens (pipe:, http://), or a bundled dataset's
+    # name (digits | mnist5k: its shards are written once into ~/.cache/sgtrain). None: data.dataset, in memory.
     shards: str | None = None
     num_workers: int = 0  # data-loader worker processes per rank (shards only; each needs a shard of its own)
     resampled: bool = False  # shards drawn with replacement (infinite, no epochs) instead of disjoint per worker

@@ -21,7 +21,8 @@ import torch
 
 from sgtrain import checkpoint
 from sgtrain.config import Config, ConfigError, config_from_dict, config_to_dict, config_to_yaml
-from sgtrain.data.builtin import IndexStream, load_builtin
+from sgtrain.data.builtin import BUILTIN_DATASETS, IndexStream, load_builtin
+from sgtrain.data.shards import bundled_shards
 from sgtrain.data.stream import ShardLoader, resolve_shards
 from sgtrain.dist import Dist, Network
 from sgtrain.ema import EMA
@@ -204,7 +205,14 @@ def training_loop(cfg: Config, dist: Dist) -> None:
     micro = micro_global // dist.world_size  # images per rank per forward pass
     mine = slice(dist.rank * micro, (dist.rank + 1) * micro)  # this rank's share of a global micro-batch
     if cfg.data.shards is not None:
-        shards = resolve_shards(cfg.data.shards)
+        spec = cfg.data.shards
+        if spec in BUILTIN_DATASETS:  # bundled data as shards, written into the cache on first use
+            if dist.is_main:
+                spec = str(bundled_shards(spec, cfg.model.resolution))
+            dist.barrier()  # the other ranks then find them (or, on another node, write their own)
+            if not dist.is_main:
+                spec = str(bundled_shards(spec, cfg.model.resolution))
+        shards = resolve_shards(spec)
         if shards.resolution is not None and shards.resolution != cfg.model.resolution:
             raise ConfigError(
                 f"data.shards hold {shards.resolution} px images (manifest.json), model.resolution is "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,13 @@ TINY = {
     "train.sample_every": 1000,
     "train.checkpoint_every": 1000,
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shard_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Bundled shards (written on first use by runs of digits.yaml) go to a test cache, not the user's home;
+    subprocesses inherit it."""
+    os.environ["SGTRAIN_CACHE"] = str(tmp_path_factory.mktemp("sgtrain-cache"))
 
 
 @pytest.fixture

@@ -21,10 +21,12 @@ def test_defaults_are_the_digits_job() -> None:
     assert cfg.model.resolution == 32 and cfg.model.n_classes == 10
 
 
-def test_shipped_digits_yaml_is_the_dense_defaults_made_sparse() -> None:
+def test_shipped_digits_yaml_is_the_dense_defaults_made_sparse_and_streamed() -> None:
     digits, defaults = load_config("digits.yaml"), load_config()
-    assert digits.model == defaults.model and digits.train == defaults.train and digits.data == defaults.data
+    assert digits.model == defaults.model and digits.train == defaults.train
     assert defaults.sparse.method == "dense" and digits.sparse.method == "stu"
+    # The same digits, streamed from shards written on first use instead of held in memory.
+    assert defaults.data.shards is None and digits.data.shards == defaults.data.dataset == "digits"
 
 
 @pytest.mark.parametrize("name", ["imagenet128.yaml", "imagenet128", "cifar10.yaml", "digits.yaml"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -238,3 +239,40 @@ def test_refuses_to_overwrite_and_bad_options(tree, tmp_path):
         with pytest.raises(ConfigError, match=message):
             make_shards(source, tmp_path / "other", **{"resolution": RES, **options}, progress=False)
     assert not (tmp_path / "other").exists()
+
+
+def test_bundled_shards_hold_the_in_memory_images_and_are_written_once(tmp_path: Path) -> None:
+    """The default run's shards: the same framed digits the in-memory path trains on, to 8 bits; a second call
+    (another rank, the next run) reuses them."""
+    from sgtrain.data.builtin import load_builtin
+    from sgtrain.data.shards import bundled_shards
+    from sgtrain.data.stream import read_shard, resolve_shards
+
+    path = bundled_shards("digits", 32, cache=tmp_path)
+    assert bundled_shards("digits", 32, cache=tmp_path) == path
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == [path.name]  # no scratch left behind
+    shards = resolve_shards(str(path))
+    assert len(shards.urls) == 29 and sum(shards.counts) == 1797 and shards.resolution == 32
+    memory = load_builtin("digits", 32)
+    images, labels = [], []
+    for url in shards.urls:  # file order is dataset order
+        for _, image, label in read_shard(url):
+            images.append(np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), dtype=np.float32))
+            labels.append(int(label))
+    got = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    assert (got - memory.images).abs().max() <= 0.5 / 127.5 + 1e-6  # rounded to the nearest of 256 levels
+    assert labels == memory.labels.tolist()
+
+
+def test_make_shards_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sgtrain", "make-shards", "--source", "digits", "--out", str(out)]
+    command += ["--resolution", "16", "--shard-size", "1000", "--format", "png"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "make-shards: 1797 samples in 2 shards, 10 classes, 0 skipped" in result.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.startswith("sgtrain: error: shard output")

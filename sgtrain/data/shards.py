@@ -25,18 +25,20 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from sgtrain.checkpoint import write_atomic
 from sgtrain.config import ConfigError
-from sgtrain.data.builtin import BUILTIN_DATASETS, _load_raw
+from sgtrain.data.builtin import BUILTIN_DATASETS, load_builtin
 
 SHARD_FORMAT = "sgtrain-shards/1"
 IMAGE_FORMATS = ("jpg", "png")
@@ -103,7 +105,7 @@ def _array_labels(y: np.ndarray, num_images: int, where: str) -> tuple[list[str]
     return [str(label) for label in range(len(distinct))], y.astype(np.int64).tolist()
 
 
-def _read_source(source: str) -> tuple[list[str], list[str], list[int], list[str | np.ndarray]]:
+def _read_source(source: str, resolution: int) -> tuple[list[str], list[str], list[int], list[str | np.ndarray]]:
     """``(classes, names, labels, items)``: an item is a file path or a uint8 image array, ``names`` label skips."""
     kind, _, location = source.partition(":")
     if kind == "imagefolder" and location:
@@ -125,10 +127,13 @@ def _read_source(source: str) -> tuple[list[str], list[str], list[int], list[str
         images = _array_images(x, f"npz source {path}")
     elif source in BUILTIN_DATASETS:
         try:
-            grey, y = _load_raw(source)
+            bundled = load_builtin(source, resolution)
         except FileNotFoundError as error:
             raise ConfigError(str(error)) from None
-        images = np.rint(grey * 255.0).clip(0, 255).astype(np.uint8)  # _load_raw scales to [0, 1]
+        # The same framed images the in-memory path trains on (digit in the central 7/8), as 8-bit grey: already
+        # square and at the resolution, so the crop and resize below leave them as they are.
+        grey = bundled.images[:, 0].add(1.0).mul(127.5).round().clamp(0, 255)
+        images, y = grey.to(torch.uint8).numpy(), bundled.labels.numpy()
     else:
         raise ConfigError(
             f"unknown shard source {source!r}: use imagefolder:PATH, npz:PATH or one of {', '.join(BUILTIN_DATASETS)}"
@@ -233,7 +238,7 @@ def make_shards(
         raise ConfigError(f"shard output {out} exists and is not a directory")
     if out.is_dir() and ((out / "manifest.json").exists() or any(out.glob("train-*.tar"))):
         raise ConfigError(f"shard output {out} already holds shards; delete them or choose another directory")
-    classes, names, labels, items = _read_source(source)
+    classes, names, labels, items = _read_source(source, resolution)
 
     out.mkdir(parents=True, exist_ok=True)
     encode = functools.partial(_encode, resolution=resolution, image_format=image_format, quality=quality)
@@ -296,3 +301,35 @@ def make_shards(
     if len(skipped) > _MAX_LISTED:
         print(f"  ... and {len(skipped) - _MAX_LISTED} more (manifest.json lists all)", file=sys.stderr)
     return manifest
+
+
+BUNDLED_SHARD_SIZE = 64  # small shards, so that many (rank, worker) slots each get their own: digits makes 29
+
+
+def bundled_shards(name: str, resolution: int, cache: str | Path | None = None) -> Path:
+    """Shards of the bundled dataset ``name`` at ``resolution`` px, written on first use into the cache
+    (``$SGTRAIN_CACHE``, else ``~/.cache/sgtrain``) and reused afterwards; nothing is downloaded.
+
+    Each caller writes into its own temporary directory and renames it into place, so processes that race (the
+    ranks of a job, two runs) never see a half-written set: the first rename wins and the others discard theirs.
+    """
+    root = Path(cache or os.environ.get("SGTRAIN_CACHE") or Path.home() / ".cache" / "sgtrain").expanduser()
+    target = root / "shards" / f"{name}-{resolution}px-{SHARD_FORMAT.replace('/', '-')}"
+    if (target / "manifest.json").is_file():
+        return target
+    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    make_shards(
+        name,
+        scratch,
+        resolution=resolution,
+        shard_size=BUNDLED_SHARD_SIZE,
+        image_format="png",
+        workers=1,
+        progress=False,
+    )
+    try:
+        scratch.rename(target)
+    except OSError:  # another process put its copy in place first
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
