@@ -300,7 +300,7 @@ def training_loop(cfg: Config, dist: Dist) -> None:
 
     def real_batch() -> tuple[torch.Tensor, torch.Tensor]:
         if loader is not None:
-            return loader.next()
+            return loader.next(dist.device)
         index = stream.indices(position, micro_global)
         return data.images[index], data.labels[index]
 

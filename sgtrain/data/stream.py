@@ -128,7 +128,7 @@ def read_shard(url: str) -> list[tuple[str, bytes | None, str | None]]:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Micro-batches ``{"images": [B, 3, R, R] in [-1, 1], "labels": [B] int64, ...}`` of one rank's slots.
+    """Micro-batches ``{"images": [B, 3, R, R] uint8, "labels": [B] int64, ...}`` of one rank's slots.
 
     Each batch also says which logical worker made it, that worker's raw-sample offset after it, and how many
     corrupt samples it skipped; :class:`ShardLoader` keeps those as the resumable position.
@@ -168,25 +168,28 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker = ((info.id if info is not None else 0) + self.rotation) % self.workers
         slot = self.rank * self.workers + worker
         offset = self.offsets[worker]
-        images: list[torch.Tensor] = []
+        # Batches travel from worker processes as uint8, a quarter of float32: through shared memory that copy
+        # cost a third of a worker's throughput (benchmarks/data_throughput.py). ShardLoader scales them.
+        shape = (self.batch_size, 3, self.resolution, self.resolution)
+        images = torch.empty(shape, dtype=torch.uint8)
         labels: list[int] = []
         bad = 0
         for position, (key, url, image, label) in self._samples(slot, skip=offset):
             decoded = self._decode(key, url, image, label)
             if decoded is None:
                 bad += 1
-            else:
-                images.append(decoded[0])
-                labels.append(decoded[1])
-            if len(images) == self.batch_size:
+                continue
+            images[len(labels)].permute(1, 2, 0).numpy()[:] = decoded[0]  # HWC pixels into the CHW batch, one copy
+            labels.append(decoded[1])
+            if len(labels) == self.batch_size:
                 yield {
-                    "images": torch.stack(images),
+                    "images": images,
                     "labels": torch.tensor(labels, dtype=torch.int64),
                     "worker": worker,
                     "offset": position + 1,
                     "bad": bad,
                 }
-                images, labels, bad = [], [], 0
+                images, labels, bad = torch.empty(shape, dtype=torch.uint8), [], 0
 
     def _samples(self, slot: int, skip: int) -> Iterator[tuple[int, tuple[str, str, bytes | None, str | None]]]:
         """``(raw position, (key, url, image bytes, class text))`` of slot ``slot``'s infinite stream from ``skip``."""
@@ -216,8 +219,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                         yield position, (key, urls[index], image, label)
                     position += 1
 
-    def _decode(self, key: str, url: str, image: bytes | None, label: str | None) -> tuple[torch.Tensor, int] | None:
-        """The image in [-1, 1] and its label, or None for a corrupt sample (which the caller counts)."""
+    def _decode(self, key: str, url: str, image: bytes | None, label: str | None) -> tuple[np.ndarray, int] | None:
+        """The image (uint8 ``[R, R, 3]``) and its label, or None for a corrupt sample (which the caller counts)."""
         try:
             with Image.open(io.BytesIO(image or b"")) as handle:
                 handle.load()
@@ -234,8 +237,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             )
         if not 0 <= value < self.num_classes:
             raise DataError(f"{url}: sample {key} has class {value}, but model.n_classes is {self.num_classes}")
-        array = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return array.float().div_(127.5).sub_(1.0), value
+        return np.asarray(rgb, dtype=np.uint8), value
 
 
 class ShardLoader:
@@ -280,8 +282,8 @@ class ShardLoader:
             options["prefetch_factor"] = 2
         self._batches = iter(torch.utils.data.DataLoader(dataset, **options))
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch ``(images [B, 3, R, R], labels [B])``."""
+    def next(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch on ``device``: ``(images [B, 3, R, R] float in [-1, 1], labels [B] int64)``."""
         try:
             batch = next(self._batches)
         except DataError as error:  # from a worker process: keep its own words, not the wrapped traceback
@@ -296,7 +298,9 @@ class ShardLoader:
                 f"{self.bad} of {self.good + self.bad} samples read so far could not be decoded, more than "
                 f"data.max_bad_fraction={self.max_bad_fraction}: check the shards (sha256 in their manifest.json)"
             )
-        return batch["images"], batch["labels"]
+        # Scaled on the device: the host-to-device copy moves uint8, a quarter of the bytes.
+        images = batch["images"].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        return images, batch["labels"].to(device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"offsets": list(self.offsets), "next": self.next_worker, "good": self.good, "bad": self.bad}
