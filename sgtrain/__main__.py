@@ -22,6 +22,8 @@ COMMANDS = {
     "print-config": "print the resolved config as YAML: [--config FILE] [--section.key=value ...]",
     "inspect": "masks of a run's latest checkpoint (or a checkpoint file): RUN_DIR_OR_CHECKPOINT [--json]",
     "flops": "inference and training FLOPs, dense and sparse: [--config FILE] [--section.key=value ...] [--json]",
+    "sample": "a class-conditional grid from a run's EMA generator: RUN_DIR_OR_CHECKPOINT --out grid.png "
+    "[--classes 1,3,5] [--truncation 0.5] [--per-class 8] [--interpolate] [--standing] [--seed 0]",
     "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|digits|mnist5k --out DIR "
     "--resolution R [--shard-size N] [--format jpg|png] [--workers N]",
 }
@@ -82,6 +84,31 @@ def make_shards(
     )
 
 
+def sample(
+    run: str,
+    out: str,
+    classes: Any = None,
+    truncation: float | None = None,
+    per_class: int = 8,
+    interpolate: bool = False,
+    standing: bool = False,
+    seed: int = 0,
+) -> None:
+    """Class-conditional samples (or z interpolations) of a run's EMA generator, one row per class, as one PNG."""
+    from sgtrain.sampling import sample_command
+
+    sample_command(
+        run,
+        out,
+        classes=classes,
+        truncation=truncation,
+        per_class=per_class,
+        interpolate=interpolate,
+        standing=standing,
+        seed=seed,
+    )
+
+
 def _usage() -> str:
     lines = ["usage: python -m sgtrain [COMMAND] [--config FILE] [--section.key=value ...]", "", "commands:"]
     lines += [f"  {name:<14}{text}" for name, text in COMMANDS.items()]
@@ -115,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"train": train, "print-config": print_config, "inspect": inspect, "flops": flops}
     commands["make-shards"] = make_shards
+    commands["sample"] = sample
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
     except (ConfigError, CheckpointError, LaunchError, DataError) as error:
