@@ -22,6 +22,9 @@ COMMANDS = {
     "print-config": "print the resolved config as YAML: [--config FILE] [--section.key=value ...]",
     "inspect": "masks of a run's latest checkpoint (or a checkpoint file): RUN_DIR_OR_CHECKPOINT [--json]",
     "flops": "inference and training FLOPs, dense and sparse: [--config FILE] [--section.key=value ...] [--json]",
+    "evaluate": "FID, KID, IS, precision/recall, classes covered of a run's EMA generator: RUN_DIR "
+    "[--metrics fid,kid,is,pr,classes] [--num-samples N] [--truncation T] [--extractor auto|inception|classifier] "
+    "[--inception FILE] [--json]",
     "sample": "a class-conditional grid from a run's EMA generator: RUN_DIR_OR_CHECKPOINT --out grid.png "
     "[--classes 1,3,5] [--truncation 0.5] [--per-class 8] [--interpolate] [--standing] [--seed 0]",
     "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|digits|mnist5k --out DIR "
@@ -84,6 +87,46 @@ def make_shards(
     )
 
 
+def evaluate(
+    run: str,
+    metrics: Any = "fid,kid,is,pr,classes",
+    num_samples: int = 10_000,
+    truncation: float | None = None,
+    extractor: str = "auto",
+    inception: str | None = None,
+    seed: int = 0,
+    json: bool = False,
+) -> None:
+    """Metrics of the EMA generator of a run's latest checkpoint; `accelerate launch` shares the sampling out."""
+    import json as json_module
+
+    from sgtrain.dist import Dist
+    from sgtrain.metrics.evaluate import evaluate_run, format_result
+
+    chosen = metrics if isinstance(metrics, (list, tuple)) else str(metrics).split(",")
+    dist = Dist()
+    try:
+        result = evaluate_run(
+            run,
+            metrics=[str(m).strip() for m in chosen if str(m).strip()],
+            num_samples=num_samples,
+            truncation=truncation,
+            extractor_kind=extractor,
+            inception=inception,
+            seed=seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            all_reduce=dist.all_reduce,
+            device=dist.device,
+        )
+    except BaseException:
+        dist.shutdown(clean=False)
+        raise
+    dist.shutdown()
+    if dist.is_main:
+        print(json_module.dumps(result) if json else format_result(result))
+
+
 def sample(
     run: str,
     out: str,
@@ -143,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": train, "print-config": print_config, "inspect": inspect, "flops": flops}
     commands["make-shards"] = make_shards
     commands["sample"] = sample
+    commands["evaluate"] = evaluate
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
     except (ConfigError, CheckpointError, LaunchError, DataError) as error:
