@@ -24,7 +24,7 @@ COMMANDS = {
     "flops": "inference and training FLOPs, dense and sparse: [--config FILE] [--section.key=value ...] [--json]",
     "evaluate": "FID, KID, IS, precision/recall, classes covered of a run's EMA generator: RUN_DIR "
     "[--metrics fid,kid,is,pr,classes] [--num-samples N] [--truncation T] [--extractor auto|inception|classifier] "
-    "[--inception FILE] [--json]",
+    "[--inception FILE] [--standing] [--json]",
     "sample": "a class-conditional grid from a run's EMA generator: RUN_DIR_OR_CHECKPOINT --out grid.png "
     "[--classes 1,3,5] [--truncation 0.5] [--per-class 8] [--interpolate] [--standing] [--seed 0]",
     "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|digits|mnist5k --out DIR "
@@ -96,6 +96,7 @@ def evaluate(
     inception: str | None = None,
     seed: int = 0,
     json: bool = False,
+    standing: bool = False,
 ) -> None:
     """Metrics of the EMA generator of a run's latest checkpoint; `accelerate launch` shares the sampling out."""
     import json as json_module
@@ -118,6 +119,7 @@ def evaluate(
             world_size=dist.world_size,
             all_reduce=dist.all_reduce,
             device=dist.device,
+            standing=standing,
         )
     except BaseException:
         dist.shutdown(clean=False)

@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,35 @@ def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
             continue
         return path, load_checkpoint(path, check=False)
     return None
+
+
+def keep_best(
+    run_dir: str | Path, path: Path, step: int, value: float, metric: str, *, keep: int
+) -> list[dict[str, Any]]:
+    """Keep checkpoint ``path`` in ``run_dir/best/`` if its ``metric`` value is among the ``keep`` best so far.
+
+    Kept checkpoints are hard links (copies where links are impossible), so the run's own rotation of
+    ``checkpoints/`` never removes them; ``best/index.json`` lists them best first and is written atomically.
+    """
+    from sgtrain.config import EVAL_METRICS
+
+    best = Path(run_dir) / "best"
+    best.mkdir(parents=True, exist_ok=True)
+    index_path = best / "index.json"
+    entries = json.loads(index_path.read_text()) if index_path.is_file() else []
+    entries = [e for e in entries if e["step"] != step] + [{"step": step, "metric": metric, metric: float(value)}]
+    entries.sort(key=lambda e: e[metric] if EVAL_METRICS[metric] == "lower" else -e[metric])
+    kept, dropped = entries[:keep], entries[keep:]
+    if any(e["step"] == step for e in kept):
+        for name in (path.name, path.name + ".json"):
+            target = best / name
+            if not target.exists():
+                try:
+                    os.link(path.with_name(name), target)
+                except OSError:
+                    shutil.copy2(path.with_name(name), target)
+    write_atomic(index_path, json.dumps(kept, indent=1).encode())
+    for entry in dropped:
+        for name in (f"step-{entry['step']:08d}.pt", f"step-{entry['step']:08d}.pt.json"):
+            (best / name).unlink(missing_ok=True)
+    return kept

@@ -94,6 +94,9 @@ class DataConfig:
         _check(bool(self.dataset), "data.dataset must name a bundled dataset")
 
 
+EVAL_METRICS = {"fid": "lower", "kid": "lower", "is": "higher", "precision": "higher", "recall": "higher"}
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """The GAN training loop. Progress is counted in generator steps."""
@@ -116,6 +119,13 @@ class TrainConfig:
     checkpoint_every: int = 500  # G steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # checkpoints kept in the run directory (the last K)
     log_every: int = 50  # G steps between metrics.jsonl records
+    # Evaluation during training (0: off): every eval_every G steps, at a checkpoint, the EMA generator's metrics
+    # (`sgtrain evaluate`) on eval_samples samples are logged, and the keep_best checkpoints best by eval_metric are
+    # kept in run_dir/best/ (fid and kid: lower is better; is, precision, recall: higher).
+    eval_every: int = 0
+    eval_samples: int = 1000
+    eval_metric: str = "fid"
+    keep_best: int = 1
     sample_classes: int = 10  # classes shown in a sample grid (one row each)
 
     def __post_init__(self) -> None:
@@ -123,6 +133,18 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _check(
+            self.eval_every % self.checkpoint_every == 0,
+            f"train.eval_every ({self.eval_every}) must be a multiple of train.checkpoint_every "
+            f"({self.checkpoint_every}): the best checkpoints are kept from those written",
+        )
+        _check(self.eval_samples >= 10, f"train.eval_samples must be >= 10, got {self.eval_samples}")
+        _check(
+            self.eval_metric in EVAL_METRICS,
+            f"train.eval_metric must be one of {', '.join(EVAL_METRICS)}, got {self.eval_metric!r}",
+        )
+        _check(self.keep_best >= 1, f"train.keep_best must be >= 1, got {self.keep_best}")
         _check(self.sample_classes >= 1, f"train.sample_classes must be >= 1, got {self.sample_classes}")
         for name in ("g_lr", "d_lr"):
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")

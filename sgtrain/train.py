@@ -351,6 +351,35 @@ def training_loop(cfg: Config, dist: Dist) -> None:
                 images = ema.module(fixed_z.to(dist.device), fixed_y.to(dist.device))
             save_grid(images, run_dir / "samples" / f"step-{step:08d}.png", nrow=SAMPLES_PER_CLASS)
 
+    evaluator = None
+    if t.eval_every:
+        from sgtrain.metrics.evaluate import extractor_for
+
+        evaluator = extractor_for(cfg, device=dist.device)  # before any step: a missing Inception file stops here
+
+    def evaluate_and_keep_best() -> None:
+        from sgtrain.metrics.evaluate import evaluate_generator
+        from sgtrain.sampling import LoadedGenerator
+
+        path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
+        result = evaluate_generator(
+            LoadedGenerator(ema.module, cfg, step, path),
+            metrics=["fid", "kid", "is", "pr", "classes"],
+            num_samples=t.eval_samples,
+            truncation=None,
+            extractor=evaluator,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            all_reduce=dist.all_reduce,
+            device=dist.device,
+        )
+        if dist.is_main:
+            keys = ("fid", "kid", "is", "precision", "recall", "classes_covered")
+            _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": result[k] for k in keys if k in result}})
+            checkpoint.keep_best(run_dir, path, step, result[t.eval_metric], t.eval_metric, keep=t.keep_best)
+        dist.barrier()
+
     progress = None
     if dist.is_main:
         from tqdm import tqdm
@@ -448,6 +477,8 @@ def training_loop(cfg: Config, dist: Dist) -> None:
             sample_grid()
         if step % t.checkpoint_every == 0 or step == t.steps:
             save()
+        if t.eval_every and step % t.eval_every == 0:
+            evaluate_and_keep_best()
 
     if progress is not None:
         progress.close()

@@ -107,3 +107,37 @@ def test_evaluate_command_prints_json_and_rejects_unknown_metrics(runs: dict[str
     assert report["generator"] == "eval mode (running statistics)"
     bad = subprocess.run([*command, "--metrics", "fid,xyz"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown metrics ['xyz']" in bad.stderr
+
+
+def test_training_evaluates_and_keeps_the_best_checkpoints(tiny_config) -> None:
+    from sgtrain import checkpoint
+
+    cfg = tiny_config(
+        train__steps=6,
+        train__checkpoint_every=2,
+        train__eval_every=2,
+        train__eval_samples=50,
+        train__keep_best=2,
+        train__eval_metric="is",
+    )
+    run_dir = train(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/fid" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    index = json.loads((run_dir / "best" / "index.json").read_text())
+    by_is = sorted(evals, key=lambda r: -r["eval/is"])[:2]
+    assert [e["step"] for e in index] == [r["step"] for r in by_is]  # the two highest IS, best first
+    assert [e["is"] for e in index] == [r["eval/is"] for r in by_is]
+    kept = sorted(p.name for p in (run_dir / "best").glob("*.pt"))
+    assert kept == sorted(f"step-{e['step']:08d}.pt" for e in index)
+    for name in kept:
+        checkpoint.verify(run_dir / "best" / name)  # complete and intact, whatever the rotation removed
+
+
+def test_eval_every_must_fall_on_checkpoints(tiny_config) -> None:
+    from sgtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"must be a multiple of train\.checkpoint_every"):
+        tiny_config(train__eval_every=3, train__checkpoint_every=2)
+    with pytest.raises(ConfigError, match=r"train\.eval_metric must be one of"):
+        tiny_config(train__eval_metric="accuracy")

@@ -26,7 +26,7 @@ from sgtrain.checkpoint import write_atomic
 from sgtrain.config import Config, ConfigError
 from sgtrain.data.builtin import BUILTIN_DATASETS, load_builtin
 from sgtrain.metrics import stats
-from sgtrain.sampling import generate, load_generator, rank_indices
+from sgtrain.sampling import LoadedGenerator, generate, load_generator, rank_indices, standing_statistics
 
 METRICS = ("fid", "kid", "is", "pr", "classes")
 
@@ -135,6 +135,12 @@ def gather_rows(local: torch.Tensor, num_rows: int, rank: int, world_size: int, 
     return all_reduce(full, "sum")
 
 
+def check_metrics(metrics: Sequence[str]) -> None:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metrics {unknown}: choose from {', '.join(METRICS)}")
+
+
 def evaluate_run(
     run: str | Path,
     *,
@@ -148,14 +154,44 @@ def evaluate_run(
     world_size: int = 1,
     all_reduce: Any = None,
     device: torch.device | str = "cpu",
+    standing: bool = False,
 ) -> dict[str, Any]:
     """The metrics of a run's EMA generator (latest checkpoint) as plain data; every rank returns the same."""
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ConfigError(f"unknown metrics {unknown}: choose from {', '.join(METRICS)}")
+    check_metrics(metrics)
     loaded = load_generator(run, device)
+    if standing:
+        standing_statistics(loaded, truncation=truncation, seed=seed)
+    return evaluate_generator(
+        loaded,
+        metrics=metrics,
+        num_samples=num_samples,
+        truncation=truncation,
+        extractor=extractor_for(loaded.cfg, extractor_kind, device, inception),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        all_reduce=all_reduce,
+        device=device,
+        run=run,
+    )
+
+
+def evaluate_generator(
+    loaded: LoadedGenerator,
+    *,
+    metrics: Sequence[str],
+    num_samples: int,
+    truncation: float | None,
+    extractor: Any,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce: Any = None,
+    device: torch.device | str = "cpu",
+    run: str | Path = "",
+) -> dict[str, Any]:
+    """The metrics of a generator in memory (a loaded run, or the training loop's EMA); every rank the same."""
     cfg, m = loaded.cfg, loaded.cfg.model
-    extractor = extractor_for(cfg, extractor_kind, device, inception)
     mine = rank_indices(num_samples, rank, world_size)
     images, _ = generate(
         loaded.module, mine, dim_z=m.dim_z, n_classes=m.n_classes, seed=seed, truncation=truncation, device=device
