@@ -174,3 +174,16 @@ def keep_best(
         for name in (f"step-{entry['step']:08d}.pt", f"step-{entry['step']:08d}.pt.json"):
             (best / name).unlink(missing_ok=True)
     return kept
+
+
+def load_run_or_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The latest complete checkpoint of a run directory, or one checkpoint file: ``(path, state)``."""
+    path = Path(path)
+    if path.is_dir():
+        latest = load_latest(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: no complete checkpoint in this run directory")
+        return latest
+    if path.is_file():
+        return path, load_checkpoint(path)
+    raise CheckpointError(f"{path}: no such run directory or checkpoint file")

@@ -303,10 +303,7 @@ class Network:
             if not bool(where.any()):
                 return  # the same answer on every rank, so skipping the collectives below is safe
             if self.engine is None:
-                for value in self.optimizer.state.get(param, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value.masked_fill_(where, 0.0)
-                return
+                raise RuntimeError("zero_state is for DeepSpeed engines; the mask manager clears torch optimizers")
             from deepspeed.utils import (
                 safe_get_full_fp32_param,
                 safe_get_full_optimizer_state,

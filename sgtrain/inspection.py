@@ -9,26 +9,14 @@ from typing import Any
 import torch
 
 from sgtrain import checkpoint
-from sgtrain.checkpoint import CheckpointError
 from sgtrain.config import config_from_dict
 from sgtrain.sparse.manager import NETWORKS, masked_parameters
 from sgtrain.sparse.topology import unpack_mask
 
 
-def _load(path: Path) -> tuple[Path, dict[str, Any]]:
-    if path.is_dir():
-        latest = checkpoint.load_latest(path)
-        if latest is None:
-            raise CheckpointError(f"{path}: no complete checkpoint in this run directory")
-        return latest
-    if path.is_file():
-        return path, checkpoint.load_checkpoint(path)
-    raise CheckpointError(f"{path}: no such run directory or checkpoint file")
-
-
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """The mask report of a run directory's latest checkpoint or of one checkpoint file, as plain data."""
-    source, state = _load(Path(path))
+    source, state = checkpoint.load_run_or_file(path)
     cfg = config_from_dict(state["config"])
     # Only the names and shapes of the masked layers are needed: build with the cheap init (ortho's QR is slow).
     from sgtrain.train import build_models

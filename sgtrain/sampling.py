@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from sgtrain import checkpoint
-from sgtrain.checkpoint import CheckpointError
 from sgtrain.config import Config, ConfigError, config_from_dict
 
 
@@ -36,16 +35,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Load
     """The EMA generator of a run directory's latest checkpoint, or of one checkpoint file."""
     from sgtrain.train import build_models
 
-    path = Path(path)
-    if path.is_dir():
-        latest = checkpoint.load_latest(path)
-        if latest is None:
-            raise CheckpointError(f"{path}: no complete checkpoint in this run directory")
-        source, state = latest
-    elif path.is_file():
-        source, state = path, checkpoint.load_checkpoint(path)
-    else:
-        raise CheckpointError(f"{path}: no such run directory or checkpoint file")
+    source, state = checkpoint.load_run_or_file(path)
     cfg = config_from_dict(state["config"])
     # The weights come from the checkpoint: build with the cheap init (ortho's QR is slow for big models).
     G, _ = build_models(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="N02")))
