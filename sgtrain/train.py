@@ -33,6 +33,7 @@ from sgtrain.models import Discriminator, Generator
 from sgtrain.models.layers import CrossReplicaBatchNorm2d
 from sgtrain.sparse import MaskManager
 from sgtrain.sparse.sync import Comm
+from sgtrain.stopping import StoppedEarly, StopRequest
 
 SAMPLES_PER_CLASS = 8  # columns of a sample grid
 
@@ -124,6 +125,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     checkpoint.write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
+def _has_eval_record(path: Path, step: int) -> bool:
+    """Whether the metrics log holds the evaluation of ``step``."""
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line else {}
+        if record.get("step") == step and any(key.startswith("eval/") for key in record):
+            return True
+    return False
+
+
 # Settings a run cannot change when it resumes: they define the weights and masks in the checkpoint.
 FIXED_ON_RESUME = {
     "model": None,  # every key
@@ -177,11 +189,15 @@ def _rank_data_state(saved: dict[str, Any] | None, dist: Dist, workers: int, ste
     return None
 
 
-def train(cfg: Config) -> Path:
-    """Train ``cfg`` to ``cfg.train.steps`` G steps, resuming from the run directory's latest checkpoint."""
+def train(cfg: Config, stop: StopRequest | None = None) -> Path:
+    """Train ``cfg`` to ``cfg.train.steps`` G steps, resuming from the run directory's latest checkpoint.
+
+    Raises :class:`~sgtrain.stopping.StoppedEarly` after a checkpoint when SIGUSR1, SIGTERM or the stop file asked
+    the run to stop (``python -m sgtrain`` exits 75 then). ``stop`` replaces the default request watcher."""
     dist = Dist()
     try:
-        training_loop(cfg, dist)
+        with stop or StopRequest() as request:
+            stopped = training_loop(cfg, dist, request)
     except BaseException:
         # No barrier on the way out: if this rank failed alone, the others are not at one, and pairing with a later
         # barrier of theirs would let them train on against a peer that is gone.
@@ -189,11 +205,17 @@ def train(cfg: Config) -> Path:
         raise
     # The loop's models and optimizers are freed by now, which a clean gloo shutdown needs.
     dist.shutdown()
+    if stopped is not None:
+        raise stopped
     return Path(cfg.run_dir)
 
 
-def training_loop(cfg: Config, dist: Dist) -> None:
-    """The whole run on this rank: set up or resume, then alternate D and G steps until ``cfg.train.steps``."""
+def training_loop(cfg: Config, dist: Dist, stop: StopRequest | None = None) -> StoppedEarly | None:
+    """The whole run on this rank: set up or resume, then alternate D and G steps until ``cfg.train.steps``.
+
+    Returns a :class:`StoppedEarly` (not raised, so that the caller can leave the process group cleanly first) when
+    ``stop`` asked every rank to stop early; the checkpoint of that step is written by then."""
+    stop = stop or StopRequest()
     t = cfg.train
     run_dir = Path(cfg.run_dir)
     micro_global = t.batch_size // t.accumulation
@@ -320,9 +342,15 @@ def training_loop(cfg: Config, dist: Dist) -> None:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         checkpoint.write_atomic(run_dir / "config.yaml", config_to_yaml(cfg).encode())
         _truncate_metrics(metrics_path, step)
+        if step >= t.steps:
+            print(f"sgtrain: {run_dir} is complete ({step} of {t.steps} steps): nothing to train", flush=True)
     dist.barrier()
 
+    saved_step = step if latest is not None else -1
+
     def save() -> None:
+        nonlocal saved_step
+        saved_step = step
         # Under DeepSpeed the optimizer states are gathered from every rank's partition, and every rank's stream
         # position is gathered too: all ranks take part.
         optimizer_states = {"opt_g": G_net.optimizer_state(), "opt_d": D_net.optimizer_state()}
@@ -379,6 +407,13 @@ def training_loop(cfg: Config, dist: Dist) -> None:
             _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": result[k] for k in keys if k in result}})
             checkpoint.keep_best(run_dir, path, step, result[t.eval_metric], t.eval_metric, keep=t.keep_best)
         dist.barrier()
+
+    # A run stopped (killed, or asked to stop) between writing an evaluation step's checkpoint and logging its
+    # evaluation does that evaluation now, so that no evaluation step goes missing from the log or the best list.
+    if evaluator is not None and latest is not None and step > 0 and step % t.eval_every == 0:
+        missing = torch.tensor([0 if dist.is_main and _has_eval_record(metrics_path, step) else 1], dtype=torch.int64)
+        if int(dist.all_reduce(missing, "min")):  # rank 0's answer: only it reads the log
+            evaluate_and_keep_best()
 
     progress = None
     if dist.is_main:
@@ -479,6 +514,17 @@ def training_loop(cfg: Config, dist: Dist) -> None:
             save()
         if t.eval_every and step % t.eval_every == 0:
             evaluate_and_keep_best()
+        # A stop request (signal or stop file, on any rank) ends the run here on every rank, after one checkpoint.
+        reason = stop.agreed(dist.all_reduce) if step < t.steps else None
+        if reason is not None:
+            if saved_step != step:
+                save()
+            if stop.stop_file is not None:
+                stop.stop_file.unlink(missing_ok=True)  # consumed: a resumed run must not stop at once again
+            if progress is not None:
+                progress.close()
+            return StoppedEarly(step, t.steps, reason)
 
     if progress is not None:
         progress.close()
+    return None

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from sgtrain.config import ConfigError
+from sgtrain.stopping import ignore_stop_signals
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
@@ -280,6 +281,7 @@ class ShardLoader:
         options: dict[str, Any] = {"batch_size": None, "num_workers": workers}  # the stream batches itself
         if workers > 0:
             options["prefetch_factor"] = 2
+            options["worker_init_fn"] = ignore_stop_signals  # a stop signal to the process group is the trainer's
         self._batches = iter(torch.utils.data.DataLoader(dataset, **options))
 
     def next(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
