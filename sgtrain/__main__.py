@@ -30,6 +30,8 @@ COMMANDS = {
     "[--inception FILE] [--standing] [--json]",
     "sample": "a class-conditional grid from a run's EMA generator: RUN_DIR_OR_CHECKPOINT --out grid.png "
     "[--classes 1,3,5] [--truncation 0.5] [--per-class 8] [--interpolate] [--standing] [--seed 0]",
+    "report": "PNG plots of a run (losses, evaluation, sparsity, per-layer densities, throughput): RUN_DIR "
+    "[--out DIR (default RUN_DIR/report)]",
     "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|digits|mnist5k --out DIR "
     "--resolution R [--shard-size N] [--format jpg|png] [--workers N]",
 }
@@ -157,6 +159,13 @@ def sample(
     )
 
 
+def report(run: str, out: str | None = None) -> None:
+    """Plots of a run from its metrics.jsonl, latest checkpoint and config.yaml, one PNG per topic."""
+    from sgtrain.report import format_summary, write_report
+
+    print(format_summary(write_report(str(run), out if out is None else str(out))))
+
+
 def _usage() -> str:
     lines = ["usage: python -m sgtrain [COMMAND] [--config FILE] [--section.key=value ...]", "", "commands:"]
     lines += [f"  {name:<14}{text}" for name, text in COMMANDS.items()]
@@ -193,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     commands["make-shards"] = make_shards
     commands["sample"] = sample
     commands["evaluate"] = evaluate
+    commands["report"] = report
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
     except (ConfigError, CheckpointError, LaunchError, DataError) as error:
