@@ -232,6 +232,42 @@ class SparseConfig:
             )
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases, mirroring metrics.jsonl from rank 0: one W&B run per run directory, continued on resume."""
+
+    enabled: bool = False  # off: wandb is not even imported
+    project: str = "sgtrain"
+    entity: str | None = None  # user or team; None: the API key's default entity
+    # online: stream to the server (needs `wandb login` or WANDB_API_KEY) | offline: write run_dir/wandb/, upload
+    # later with `wandb sync run_dir/wandb` | disabled: as enabled=false. This setting wins over $WANDB_MODE.
+    mode: str = "offline"
+    name: str | None = None  # display name; None: the run directory's name
+    group: str | None = None  # groups runs in the UI, e.g. the seeds of one setting
+    tags: list[str] = field(default_factory=list)  # each 1-64 characters
+    log_images: bool = True  # upload the sample grids (train.sample_every) as images
+
+    def __post_init__(self) -> None:
+        _check(
+            self.mode in WANDB_MODES,
+            f"tracking.wandb.mode must be one of {', '.join(WANDB_MODES)}, got {self.mode!r}",
+        )
+        _check(bool(self.project), "tracking.wandb.project must not be empty")
+        _check(self.entity is None or bool(self.entity), "tracking.wandb.entity must not be empty (null: the default)")
+        bad = [tag for tag in self.tags if not 1 <= len(tag) <= 64]
+        _check(not bad, f"tracking.wandb.tags must be 1-64 characters each, got {bad}")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """Experiment trackers besides run_dir/metrics.jsonl, which is always written and stays the record."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
 @dataclass(kw_only=True)
 class Config:
     """A whole run."""
@@ -242,6 +278,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir must not be empty")

@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from sgtrain.models import Discriminator, Generator
 from sgtrain.models.layers import CrossReplicaBatchNorm2d
 from sgtrain.sparse import MaskManager
 from sgtrain.sparse.sync import Comm
-from sgtrain.stopping import StoppedEarly, StopRequest
+from sgtrain.stopping import EXIT_STOPPED, StoppedEarly, StopRequest
+from sgtrain.tracking import METRICS_FILE, Tracker
 
 SAMPLES_PER_CLASS = 8  # columns of a sample grid
 
@@ -112,19 +113,6 @@ def _iteration_flops(
     return gan_iteration_flops(g, d, batch_size=cfg.train.batch_size, d_steps=cfg.train.d_steps)["total"]
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step``: a resumed run logs those steps again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    checkpoint.write_atomic(path, "".join(line + "\n" for line in kept).encode())
-
-
 def _has_eval_record(path: Path, step: int) -> bool:
     """Whether the metrics log holds the evaluation of ``step``."""
     if not path.is_file():
@@ -196,8 +184,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> Path:
     the run to stop (``python -m sgtrain`` exits 75 then). ``stop`` replaces the default request watcher."""
     dist = Dist()
     try:
-        with stop or StopRequest() as request:
-            stopped = training_loop(cfg, dist, request)
+        with stop or StopRequest() as request, ExitStack() as resources:
+            stopped = training_loop(cfg, dist, request, resources)
     except BaseException:
         # No barrier on the way out: if this rank failed alone, the others are not at one, and pairing with a later
         # barrier of theirs would let them train on against a peer that is gone.
@@ -210,12 +198,16 @@ def train(cfg: Config, stop: StopRequest | None = None) -> Path:
     return Path(cfg.run_dir)
 
 
-def training_loop(cfg: Config, dist: Dist, stop: StopRequest | None = None) -> StoppedEarly | None:
+def training_loop(
+    cfg: Config, dist: Dist, stop: StopRequest | None = None, resources: ExitStack | None = None
+) -> StoppedEarly | None:
     """The whole run on this rank: set up or resume, then alternate D and G steps until ``cfg.train.steps``.
 
     Returns a :class:`StoppedEarly` (not raised, so that the caller can leave the process group cleanly first) when
-    ``stop`` asked every rank to stop early; the checkpoint of that step is written by then."""
+    ``stop`` asked every rank to stop early; the checkpoint of that step is written by then. ``resources`` (the
+    caller's) closes what the run opened, such as the W&B run, when it fails."""
     stop = stop or StopRequest()
+    resources = resources if resources is not None else ExitStack()
     t = cfg.train
     run_dir = Path(cfg.run_dir)
     micro_global = t.batch_size // t.accumulation
@@ -332,7 +324,10 @@ def training_loop(cfg: Config, dist: Dist, stop: StopRequest | None = None) -> S
         else nullcontext()
     )
     fixed_z, fixed_y = sample_noise(cfg)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS_FILE
+    # metrics.jsonl (cut back to this step on a resume) and W&B when enabled, on rank 0. If W&B does not start there,
+    # every rank stops with rank 0's message instead of waiting for it in the first collective.
+    tracker, failure = None, None
     if dist.is_main:
         print(
             f"sgtrain: {run_dir} on {dist.describe()}: global batch {t.batch_size} = {dist.world_size} ranks x "
@@ -340,10 +335,18 @@ def training_loop(cfg: Config, dist: Dist, stop: StopRequest | None = None) -> S
             flush=True,
         )
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        checkpoint.write_atomic(run_dir / "config.yaml", config_to_yaml(cfg).encode())
-        _truncate_metrics(metrics_path, step)
-        if step >= t.steps:
+        if step < t.steps:
+            checkpoint.write_atomic(run_dir / "config.yaml", config_to_yaml(cfg).encode())
+        else:
             print(f"sgtrain: {run_dir} is complete ({step} of {t.steps} steps): nothing to train", flush=True)
+        try:
+            tracker = Tracker(cfg, run_dir, resume_step=step)
+        except ConfigError as error:
+            failure = error
+        else:
+            resources.enter_context(tracker)  # closed (and the W&B run marked failed) if the run fails
+    if int(dist.all_reduce(torch.tensor([failure is not None], dtype=torch.int64), "max")):
+        raise failure or ConfigError("experiment tracking did not start on rank 0 (its error says why)")
     dist.barrier()
 
     saved_step = step if latest is not None else -1
@@ -377,7 +380,9 @@ def training_loop(cfg: Config, dist: Dist, stop: StopRequest | None = None) -> S
         if dist.is_main:
             with torch.no_grad(), autocast:
                 images = ema.module(fixed_z.to(dist.device), fixed_y.to(dist.device))
-            save_grid(images, run_dir / "samples" / f"step-{step:08d}.png", nrow=SAMPLES_PER_CLASS)
+            path = run_dir / "samples" / f"step-{step:08d}.png"
+            save_grid(images, path, nrow=SAMPLES_PER_CLASS)
+            tracker.log_image(step, "samples", path)
 
     evaluator = None
     if t.eval_every:
@@ -404,7 +409,7 @@ def training_loop(cfg: Config, dist: Dist, stop: StopRequest | None = None) -> S
         )
         if dist.is_main:
             keys = ("fid", "kid", "is", "precision", "recall", "classes_covered")
-            _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": result[k] for k in keys if k in result}})
+            tracker.log({"step": step, **{f"eval/{k}": result[k] for k in keys if k in result}})
             checkpoint.keep_best(run_dir, path, step, result[t.eval_metric], t.eval_metric, keep=t.keep_best)
         dist.barrier()
 
@@ -478,7 +483,11 @@ def training_loop(cfg: Config, dist: Dist, stop: StopRequest | None = None) -> S
         masks.after_ema(ema.module)
 
         # Topology update.
-        topology.update(masks.maybe_update(step))
+        changed = masks.maybe_update(step)
+        if changed:  # each masked layer's density too, after every update (W&B plots them per layer)
+            for net in ("G", "D"):
+                changed.update({f"sparse/{net}/{name}": d for name, d in masks.layer_densities(net).items()})
+        topology.update(changed)
 
         # Maintenance.
         flops["dense"] += dense_iteration
@@ -499,7 +508,7 @@ def training_loop(cfg: Config, dist: Dist, stop: StopRequest | None = None) -> S
             if not all(math.isfinite(v) for v in record.values()):
                 raise FloatingPointError(f"non-finite losses at step {step}: {record}")
             if dist.is_main:
-                _append_jsonl(metrics_path, record)
+                tracker.log(record)
                 progress.set_postfix(
                     d=f"{record['d_loss_real'] + record['d_loss_fake']:.3f}",
                     g=f"{record['g_loss']:.3f}",
@@ -523,8 +532,12 @@ def training_loop(cfg: Config, dist: Dist, stop: StopRequest | None = None) -> S
                 stop.stop_file.unlink(missing_ok=True)  # consumed: a resumed run must not stop at once again
             if progress is not None:
                 progress.close()
+            if tracker is not None:
+                tracker.finish(exit_code=EXIT_STOPPED, preempted=True)
             return StoppedEarly(step, t.steps, reason)
 
     if progress is not None:
         progress.close()
+    if tracker is not None:
+        tracker.finish()
     return None
