@@ -14,8 +14,8 @@ from typing import Any
 
 # Exit codes: 2 bad input (config, paths, checkpoints, launch), before any work where possible; 3 the ranks' masks
 # diverged (the run stops before checkpointing the forked state); 75 stopped on request (SIGUSR1, SIGTERM or
-# $SGTRAIN_STOP_FILE) after writing a checkpoint: the same command resumes (slurm/biggan.sh requeues on it; the
-# value lives in sgtrain.stopping.EXIT_STOPPED).
+# $SGTRAIN_STOP_FILE) after writing a checkpoint: the same command resumes (slurm/biggan.sh requeues on it); 4 a NaN
+# or Inf that train.nonfinite could not get past (no checkpoint of it written). 75 and 4 live in sgtrain.stopping.
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
 DEFAULT_CONFIG = "digits.yaml"  # the embedded default job: what `python -m sgtrain` trains without --config
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from sgtrain.data.stream import DataError
     from sgtrain.dist import LaunchError
     from sgtrain.sparse.sync import MaskDivergenceError
-    from sgtrain.stopping import EXIT_STOPPED, StoppedEarly
+    from sgtrain.stopping import EXIT_NONFINITE, EXIT_STOPPED, NonFiniteError, StoppedEarly
 
     commands = {"train": train, "print-config": print_config, "inspect": inspect, "flops": flops}
     commands["make-shards"] = make_shards
@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     except MaskDivergenceError as error:
         print(f"sgtrain: error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
+    except NonFiniteError as error:
+        print(f"sgtrain: error: {error}", file=sys.stderr)
+        return EXIT_NONFINITE
     except StoppedEarly as stopped:
         if os.environ.get("RANK", "0") == "0":
             print(f"sgtrain: {stopped}", file=sys.stderr, flush=True)

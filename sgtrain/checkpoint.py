@@ -68,18 +68,27 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     path = directory / f"step-{step:08d}.pt"
     tmp = path.with_name(f".{path.name}.tmp")
     # A crash (or a full disk) before the final rename leaves only a temporary file, which the next save
-    # overwrites: the previous checkpoints are never touched until the new one is complete.
+    # overwrites: the previous checkpoints are never touched until the new one is complete, and one whose checksum
+    # record was never written is skipped as incomplete.
     try:
         with open(tmp, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        meta = {"step": step, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        write_atomic(path.with_name(path.name + ".json"), json.dumps(meta).encode())
+    except OSError as error:  # a full disk, a quota, a vanished mount: stop, with the last good checkpoint intact
+        tmp.unlink(missing_ok=True)
+        path.with_name(f".{path.name}.json.tmp").unlink(missing_ok=True)
+        if not path.with_name(path.name + ".json").is_file():
+            path.unlink(missing_ok=True)
+        previous = list_checkpoints(run_dir)
+        kept = f"the latest complete one, {previous[-1].name}, is intact" if previous else "there is no earlier one"
+        raise CheckpointError(f"could not write checkpoint {path.name} in {directory} ({error}); {kept}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
-    meta = {"step": step, "bytes": path.stat().st_size, "sha256": _sha256(path)}
-    write_atomic(path.with_name(path.name + ".json"), json.dumps(meta).encode())
     for old in list_checkpoints(run_dir)[:-keep]:
         old.with_name(old.name + ".json").unlink(missing_ok=True)
         old.unlink(missing_ok=True)
@@ -134,7 +143,17 @@ def load_latest(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     A damaged newest checkpoint (truncated, altered) is reported and the one before it is used. A checkpoint
     that carries code is never skipped silently: that is an attack or a mistake the user must see.
     """
-    for path in reversed(list_checkpoints(run_dir)):
+    complete = list_checkpoints(run_dir)
+    newest = int(_NAME.match(complete[-1].name).group(1)) if complete else -1
+    directory = checkpoint_dir(run_dir)
+    for leftover in sorted(directory.glob("step-*.pt*")) if directory.is_dir() else []:
+        name = leftover.name.removesuffix(".json")
+        match = _NAME.match(name)
+        if match and int(match.group(1)) > newest and leftover.with_name(name) not in complete:
+            # A crash between the checkpoint and its checksum record, or a file removed by hand.
+            half = "checksum record" if leftover.name.endswith(".json") else "checkpoint file"
+            warnings.warn(f"skipping incomplete checkpoint {leftover}: its {half} has no partner", stacklevel=2)
+    for path in reversed(complete):
         try:
             verify(path)
         except CheckpointError as error:

@@ -25,6 +25,7 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MIXED_PRECISION = ("no", "bf16")
+NONFINITE_POLICIES = ("skip", "rollback")
 SPARSE_METHODS = ("dense", "static", "stu", "snip", "gmp", "prune_finetune")
 GROWTH_MODES = ("gradient", "random", "momentum")
 
@@ -127,6 +128,14 @@ class TrainConfig:
     eval_metric: str = "fid"
     keep_best: int = 1
     sample_classes: int = 10  # classes shown in a sample grid (one row each)
+    # A NaN or Inf in a loss or gradient, found before the optimizer step that would apply it: skip (drop that D or
+    # G update and go on; not under DeepSpeed, whose engine steps inside backward) or rollback (restart from the
+    # latest checkpoint). Past max_nonfinite such events in one process the run stops (exit 4). No checkpoint with a
+    # non-finite value is ever written.
+    nonfinite: str = "skip"
+    max_nonfinite: int = 10
+    # Seconds a rank waits in a collective for its peers (a dead or hung rank) before it fails with an error.
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "accumulation", "d_steps", "sample_every", "checkpoint_every"):
@@ -146,6 +155,14 @@ class TrainConfig:
         )
         _check(self.keep_best >= 1, f"train.keep_best must be >= 1, got {self.keep_best}")
         _check(self.sample_classes >= 1, f"train.sample_classes must be >= 1, got {self.sample_classes}")
+        _check(
+            self.nonfinite in NONFINITE_POLICIES,
+            f"train.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}",
+        )
+        _check(self.max_nonfinite >= 0, f"train.max_nonfinite must be >= 0, got {self.max_nonfinite}")
+        _check(
+            self.collective_timeout_s > 0, f"train.collective_timeout_s must be > 0, got {self.collective_timeout_s}"
+        )
         for name in ("g_lr", "d_lr"):
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
         _check(

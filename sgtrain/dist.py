@@ -12,6 +12,7 @@ import gc
 import json
 import os
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,19 +59,27 @@ def check_world_size(environ: Mapping[str, str], group_size: int) -> None:
 class Dist:
     """The process group of a run, as seen from one rank."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 1800.0) -> None:
+        """Join the launcher's process group. ``timeout_s``: how long a collective waits for a dead or hung peer
+        before it raises on this rank (so that the survivors of a crash exit instead of hanging)."""
         self.deepspeed_config = deepspeed_config_from_env(os.environ)
         self.accelerator: Any = None
+        self.timeout = timedelta(seconds=timeout_s)
         if self.deepspeed_config is not None:
             self._join_for_deepspeed()
             check_world_size(os.environ, self.world_size)
             return
         from accelerate import Accelerator  # imported lazily: ~2 s, and `print-config` does not need it
+        from accelerate.utils import InitProcessGroupKwargs
 
         # `accelerate launch --multi_gpu` on a CPU machine starts processes that each believe they are alone unless
         # the accelerator is told to use the CPU (ENVIRONMENT.md): ask for it whenever there is no GPU.
         try:
-            self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+            self.accelerator = Accelerator(
+                cpu=not torch.cuda.is_available(),
+                mixed_precision="no",
+                kwargs_handlers=[InitProcessGroupKwargs(timeout=self.timeout)],
+            )
         except ValueError as error:  # e.g. WORLD_SIZE set by hand without MASTER_ADDR: Accelerate's own words
             raise LaunchError(f"cannot join the process group: {error}") from None
         self.rank = self.accelerator.process_index
@@ -94,10 +103,10 @@ class Dist:
         cuda = torch.cuda.is_available()
         if not torch.distributed.is_initialized():
             try:
-                torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+                torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", timeout=self.timeout)
             except ValueError as error:
                 raise LaunchError(f"cannot join the process group: {error}") from None
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=self.timeout)
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,4 +1,5 @@
-"""Stop requests: a run told to stop (SIGUSR1, SIGTERM or a stop file) finishes its step, checkpoints and exits 75.
+"""How a run ends early: on request (SIGUSR1, SIGTERM or a stop file: it finishes its step, checkpoints and exits
+75), or on non-finite values it cannot get past (:class:`NonFiniteError`, exit 4).
 
 Slurm sends SIGUSR1 (``--signal=B:USR1@120`` in ``slurm/biggan.sh``) or SIGTERM (preemption, the time limit) some
 time before it kills a job; a cluster scheduler, ``kill`` or a wrapper script may also create the file named by
@@ -80,3 +81,16 @@ class StopRequest:
         if int(all_reduce(flag, "max")) == 0:
             return None
         return reason or "a request to another rank"
+
+
+EXIT_NONFINITE = 4  # a NaN or Inf that skipping or rolling back could not get past (train.nonfinite, max_nonfinite)
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf in a loss, a gradient or a state about to be checkpointed, found on some rank before it was
+    applied or written. ``rollback``: the run restarts from its latest checkpoint; otherwise it stops (exit 4).
+    ``events`` counts non-finite events of this process so far."""
+
+    def __init__(self, message: str, *, step: int, events: int, rollback: bool) -> None:
+        super().__init__(message)
+        self.step, self.events, self.rollback = step, events, rollback

@@ -136,10 +136,18 @@ class Tracker:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step``: a resumed run logs those steps again."""
+    """Drop records logged after ``step``: a resumed run logs those steps again. A line that does not parse (the
+    torn last line of a process killed while appending) is dropped too."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
     checkpoint.write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 

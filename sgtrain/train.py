@@ -9,6 +9,7 @@ Launch (see README for all of them)::
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
@@ -33,7 +34,7 @@ from sgtrain.models import Discriminator, Generator
 from sgtrain.models.layers import CrossReplicaBatchNorm2d
 from sgtrain.sparse import MaskManager
 from sgtrain.sparse.sync import Comm
-from sgtrain.stopping import EXIT_STOPPED, StoppedEarly, StopRequest
+from sgtrain.stopping import EXIT_STOPPED, NonFiniteError, StoppedEarly, StopRequest
 from sgtrain.tracking import METRICS_FILE, Tracker
 
 SAMPLES_PER_CLASS = 8  # columns of a sample grid
@@ -181,11 +182,27 @@ def train(cfg: Config, stop: StopRequest | None = None) -> Path:
     """Train ``cfg`` to ``cfg.train.steps`` G steps, resuming from the run directory's latest checkpoint.
 
     Raises :class:`~sgtrain.stopping.StoppedEarly` after a checkpoint when SIGUSR1, SIGTERM or the stop file asked
-    the run to stop (``python -m sgtrain`` exits 75 then). ``stop`` replaces the default request watcher."""
-    dist = Dist()
+    the run to stop (``python -m sgtrain`` exits 75 then). ``stop`` replaces the default request watcher. A NaN or
+    Inf rolls the run back to its latest checkpoint under ``train.nonfinite: rollback`` (a :class:`NonFiniteError`
+    when it comes back at the same step or past ``train.max_nonfinite``)."""
+    dist = Dist(timeout_s=cfg.train.collective_timeout_s)
+    events, rolled_back_at = 0, None
     try:
-        with stop or StopRequest() as request, ExitStack() as resources:
-            stopped = training_loop(cfg, dist, request, resources)
+        while True:
+            try:
+                with stop or StopRequest() as request, ExitStack() as resources:
+                    stopped = training_loop(cfg, dist, request, resources, nonfinite_events=events)
+                break
+            except NonFiniteError as error:
+                # Every rank raised it at the same point (the check is all-reduced): all restart, or all stop.
+                if not error.rollback or error.step == rolled_back_at:
+                    if error.step == rolled_back_at:
+                        error.args = (f"{error}: it came back at the same step after a rollback (not transient)",)
+                    raise
+                events, rolled_back_at = error.events, error.step
+                if dist.is_main:
+                    print(f"sgtrain: warning: {error}: rolling back to the latest checkpoint", file=sys.stderr)
+                gc.collect()
     except BaseException:
         # No barrier on the way out: if this rank failed alone, the others are not at one, and pairing with a later
         # barrier of theirs would let them train on against a peer that is gone.
@@ -199,13 +216,19 @@ def train(cfg: Config, stop: StopRequest | None = None) -> Path:
 
 
 def training_loop(
-    cfg: Config, dist: Dist, stop: StopRequest | None = None, resources: ExitStack | None = None
+    cfg: Config,
+    dist: Dist,
+    stop: StopRequest | None = None,
+    resources: ExitStack | None = None,
+    *,
+    nonfinite_events: int = 0,
 ) -> StoppedEarly | None:
     """The whole run on this rank: set up or resume, then alternate D and G steps until ``cfg.train.steps``.
 
     Returns a :class:`StoppedEarly` (not raised, so that the caller can leave the process group cleanly first) when
     ``stop`` asked every rank to stop early; the checkpoint of that step is written by then. ``resources`` (the
-    caller's) closes what the run opened, such as the W&B run, when it fails."""
+    caller's) closes what the run opened, such as the W&B run, when it fails. ``nonfinite_events``: NaN/Inf events
+    of earlier attempts in this process (rollbacks), counted towards ``train.max_nonfinite``."""
     stop = stop or StopRequest()
     resources = resources if resources is not None else ExitStack()
     t = cfg.train
@@ -357,6 +380,19 @@ def training_loop(
         # Under DeepSpeed the optimizer states are gathered from every rank's partition, and every rank's stream
         # position is gathered too: all ranks take part.
         optimizer_states = {"opt_g": G_net.optimizer_state(), "opt_d": D_net.optimizer_state()}
+        # Never a checkpoint with a NaN or Inf in it: every rank checks its copy (identical under DDP), so all agree.
+        tensors = [*G.state_dict().values(), *D.state_dict().values(), *ema.state_dict().values()]
+        for opt in optimizer_states.values():
+            tensors += [v for slot in opt["state"].values() for v in slot.values() if isinstance(v, torch.Tensor)]
+        floats = [v for v in tensors if v.is_floating_point()]
+        bad = torch.tensor([0 if all(bool(torch.isfinite(v).all()) for v in floats) else 1], dtype=torch.int64)
+        if int(dist.all_reduce(bad, "max")):
+            raise NonFiniteError(
+                f"the state of step {step} holds a NaN or Inf: its checkpoint is not written",
+                step=step,
+                events=nonfinite_events + 1,
+                rollback=t.nonfinite == "rollback" and nonfinite_events < t.max_nonfinite,
+            )
         data_state = _gather_data_state(loader, dist) if loader is not None else None
         if dist.is_main:
             state = {
@@ -425,7 +461,37 @@ def training_loop(
         from tqdm import tqdm
 
         progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, desc=run_dir.name)
+        resources.enter_context(progress)  # closed on a failure too, so an error message starts on its own line
     sums: dict[str, torch.Tensor] = {}
+    applied = {"D": 0, "G": 0}  # optimizer steps taken per network in this log interval
+
+    def finite(net: str, losses: list[torch.Tensor], module: torch.nn.Module) -> bool:
+        """Whether every rank's losses and ``net``'s gradients of this update are finite (one tiny all-reduce).
+        If not: skip the update (``train.nonfinite: skip``) or raise for a rollback, within ``max_nonfinite``."""
+        nonlocal nonfinite_events
+        values = [torch.stack(losses).float()]
+        grads = [p.grad for p in module.parameters() if p.grad is not None]  # (none under DeepSpeed: the engine's)
+        if grads:  # the largest |g| of each tensor: NaN and Inf survive the max
+            values.append(torch.stack(torch._foreach_norm(grads, float("inf"))).float())
+        bad = torch.tensor([0 if all(bool(torch.isfinite(v).all()) for v in values) else 1], dtype=torch.int64)
+        if int(dist.all_reduce(bad, "max")) == 0:
+            return True
+        nonfinite_events += 1
+        # DeepSpeed has stepped inside backward already: only a rollback undoes it.
+        rollback = t.nonfinite == "rollback" or dist.uses_deepspeed
+        message = f"non-finite {net} loss or gradient at step {step + 1} ({nonfinite_events} of {t.max_nonfinite})"
+        if rollback or nonfinite_events > t.max_nonfinite:
+            raise NonFiniteError(
+                message,
+                step=step + 1,
+                events=nonfinite_events,
+                rollback=rollback and nonfinite_events <= t.max_nonfinite,
+            )
+        if dist.is_main:
+            print(f"sgtrain: warning: {message}: that {net} update is skipped", file=sys.stderr, flush=True)
+        module.zero_grad(set_to_none=True)
+        return False
+
     topology: dict[str, float] = {}
     interval_start, interval_steps = time.perf_counter(), 0
 
@@ -442,6 +508,7 @@ def training_loop(
         D_net.forward.train()
         for _ in range(t.d_steps):
             D_net.zero_grad()
+            d_losses = []
             for rnd in range(t.accumulation):
                 real, y_real = real_batch()
                 real, y_real = real.to(dist.device), y_real.to(dist.device)
@@ -455,8 +522,13 @@ def training_loop(
                         logits = D_net.forward(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
                         loss_real, loss_fake = d_hinge(logits[:micro], logits[micro:])
                     D_net.backward((loss_real + loss_fake) / t.accumulation)  # (a DeepSpeed step: not under autocast)
-                sums["d_loss_real"] = sums.get("d_loss_real", 0.0) + loss_real.detach() / t.accumulation
-                sums["d_loss_fake"] = sums.get("d_loss_fake", 0.0) + loss_fake.detach() / t.accumulation
+                d_losses.append(torch.stack([loss_real.detach(), loss_fake.detach()]) / t.accumulation)
+            if not finite("D", d_losses, D):
+                continue
+            d_loss = torch.stack(d_losses).sum(0)
+            sums["d_loss_real"] = sums.get("d_loss_real", 0.0) + d_loss[0]
+            sums["d_loss_fake"] = sums.get("d_loss_fake", 0.0) + d_loss[1]
+            applied["D"] += 1
             masks.before_step("D")
             D_net.optimizer_step()
             masks.after_step("D")
@@ -465,17 +537,21 @@ def training_loop(
         # produces D gradients nor makes DDP (or a DeepSpeed engine) reduce them.
         D.requires_grad_(False)
         G_net.zero_grad()
+        g_losses = []
         for rnd in range(t.accumulation):
             z, y = latents()
             with G_net.accumulating(last=rnd == t.accumulation - 1):
                 with autocast:
                     g_loss = g_hinge(D(G_net.forward(z, y), y))
                 G_net.backward(g_loss / t.accumulation)
-            sums["g_loss"] = sums.get("g_loss", 0.0) + g_loss.detach() / t.accumulation
+            g_losses.append(g_loss.detach() / t.accumulation)
         D.requires_grad_(True)
-        masks.before_step("G")
-        G_net.optimizer_step()
-        masks.after_step("G")
+        if finite("G", g_losses, G):
+            sums["g_loss"] = sums.get("g_loss", 0.0) + torch.stack(g_losses).sum()
+            applied["G"] += 1
+            masks.before_step("G")
+            G_net.optimizer_step()
+            masks.after_step("G")
         step += 1
 
         # Update EMA (sparse: masked with G's mask).
@@ -498,23 +574,27 @@ def training_loop(
             record: dict[str, Any] = {"step": step, "images_seen": position, "train_flops": flops["sparse"]}
             record["world_size"] = dist.world_size
             record["train_flops_vs_dense"] = flops["sparse"] / flops["dense"]
-            for name, total in sums.items():
-                record[name] = float(dist.mean(total)) / (interval_steps * (t.d_steps if "d_" in name else 1))
+            for name, total in sums.items():  # means over the updates applied (skipped ones have no loss)
+                record[name] = float(dist.mean(total)) / applied["D" if name.startswith("d_") else "G"]
+            if nonfinite_events:
+                record["nonfinite/events"] = nonfinite_events
             record["images_per_s"] = interval_steps * t.d_steps * t.batch_size / max(elapsed, 1e-9)
             if loader is not None:  # corrupt samples skipped so far, all ranks
                 record["data/bad_samples"] = int(dist.all_reduce(torch.tensor([loader.bad]), "sum"))
             record.update(topology)  # the latest topology update's figures, once
             topology = {}
-            if not all(math.isfinite(v) for v in record.values()):
-                raise FloatingPointError(f"non-finite losses at step {step}: {record}")
+            if not all(math.isfinite(v) for v in record.values()):  # a safety net: steps check their own values
+                raise NonFiniteError(
+                    f"non-finite metrics at step {step}: {record}", step=step, events=0, rollback=False
+                )
             if dist.is_main:
                 tracker.log(record)
-                progress.set_postfix(
-                    d=f"{record['d_loss_real'] + record['d_loss_fake']:.3f}",
-                    g=f"{record['g_loss']:.3f}",
-                    img_s=f"{record['images_per_s']:.0f}",
-                )
+                # (NaN shown when every update of a network in the interval was skipped: it has no loss then)
+                shown = {"d": record.get("d_loss_real", math.nan) + record.get("d_loss_fake", math.nan)}
+                shown["g"] = record.get("g_loss", math.nan)
+                progress.set_postfix(**{k: f"{v:.3f}" for k, v in shown.items()}, img_s=f"{record['images_per_s']:.0f}")
             sums, interval_start, interval_steps = {}, time.perf_counter(), 0
+            applied = {"D": 0, "G": 0}
         if progress is not None:
             progress.update(1)
         if step % t.sample_every == 0 or step == t.steps:

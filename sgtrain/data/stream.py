@@ -113,13 +113,18 @@ def read_shard(url: str) -> list[tuple[str, bytes | None, str | None]]:
     import webdataset as wds
 
     samples: dict[str, dict[str, bytes]] = {}
-    with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.rpartition("/")[2].partition(".")
-            handle = tar.extractfile(member)
-            samples.setdefault(key, {})[extension.lower()] = handle.read() if handle else b""
+    try:
+        with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, extension = member.name.rpartition("/")[2].partition(".")
+                handle = tar.extractfile(member)
+                samples.setdefault(key, {})[extension.lower()] = handle.read() if handle else b""
+    except (tarfile.TarError, EOFError) as error:  # a damaged archive, not a damaged sample: nothing to skip to
+        raise DataError(
+            f"{url} is not a readable tar shard ({error}): check it against the sha256 in its manifest.json"
+        ) from None
     out = []
     for key, parts in samples.items():
         image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
