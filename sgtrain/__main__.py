@@ -28,8 +28,10 @@ COMMANDS = {
     "evaluate": "FID, KID, IS, precision/recall, classes covered of a run's EMA generator: RUN_DIR "
     "[--metrics fid,kid,is,pr,classes] [--num-samples N] [--truncation T] [--extractor auto|inception|classifier] "
     "[--inception FILE] [--standing] [--json]",
-    "sample": "a class-conditional grid from a run's EMA generator: RUN_DIR_OR_CHECKPOINT --out grid.png "
+    "sample": "a class-conditional grid from a run's EMA generator: RUN_DIR_OR_CHECKPOINT|--from G.sgt --out grid.png "
     "[--classes 1,3,5] [--truncation 0.5] [--per-class 8] [--interpolate] [--standing] [--seed 0]",
+    "export": "the EMA generator as one compact sparse file (safetensors), for sample --from: RUN_DIR_OR_CHECKPOINT "
+    "--out G.sgt [--force]",
     "report": "PNG plots of a run (losses, evaluation, sparsity, per-layer densities, throughput): RUN_DIR "
     "[--out DIR (default RUN_DIR/report)]",
     "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|digits|mnist5k --out DIR "
@@ -159,6 +161,13 @@ def sample(
     )
 
 
+def export(run: str, out: str, force: bool = False) -> None:
+    """Write the EMA generator of a run's latest checkpoint (or a checkpoint file) as a sparse-coded file."""
+    from sgtrain.export import export_generator, format_summary
+
+    print(format_summary(export_generator(str(run), str(out), force=force)))
+
+
 def report(run: str, out: str | None = None) -> None:
     """Plots of a run from its metrics.jsonl, latest checkpoint and config.yaml, one PNG per topic."""
     from sgtrain.report import format_summary, write_report
@@ -180,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0].startswith("-"):
         argv = ["train", *argv]
+    if argv[0] == "sample":  # `sample --from G.sgt`: `from` is a Python keyword, so it names the run argument
+        argv = [a.replace("--from", "--run", 1) if a == "--from" or a.startswith("--from=") else a for a in argv]
     if argv[0] not in COMMANDS:
         print(f"sgtrain: error: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     commands["sample"] = sample
     commands["evaluate"] = evaluate
     commands["report"] = report
+    commands["export"] = export
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
     except (ConfigError, CheckpointError, LaunchError, DataError) as error:

@@ -173,6 +173,13 @@ def parse_classes(value: Any, n_classes: int) -> list[int]:
         raise ConfigError(f"--classes must be class indices like 1,3,5, got {value!r}") from None
 
 
+def _load_any(path: str | Path) -> LoadedGenerator:
+    """A run directory or checkpoint (:func:`load_generator`), or a file written by ``sgtrain export``."""
+    from sgtrain.export import is_exported, load_exported
+
+    return load_exported(path) if is_exported(path) else load_generator(path)
+
+
 def sample_command(
     run: str,
     out: str,
@@ -185,10 +192,12 @@ def sample_command(
     seed: int = 0,
     print_line: Callable[[str], None] = print,
 ) -> None:
-    """What ``python -m sgtrain sample`` does: a class-conditional grid (or interpolations) as one PNG."""
+    """What ``python -m sgtrain sample`` does: a class-conditional grid (or interpolations) as one PNG.
+
+    ``run`` is a run directory, a checkpoint file or a generator exported by ``sgtrain export`` (``--from G.sgt``)."""
     from sgtrain.images import save_grid
 
-    loaded = load_generator(run)
+    loaded = _load_any(run)
     if standing:
         standing_statistics(loaded, truncation=truncation, seed=seed)
     chosen = parse_classes(classes, loaded.cfg.model.n_classes)
