@@ -63,9 +63,12 @@ NETWORKS = ("G", "D")
 
 
 def timed(fn: Callable[[], Any]) -> float:
-    """Wall-clock seconds of one call. CPU only: every kernel has finished when ``fn`` returns, so no sync is needed."""
+    """Wall-clock seconds of one call; on a GPU, after its queued kernels have finished (CPU kernels have by then)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -115,10 +118,10 @@ class Run:
     step: int = 0  # completed G steps
 
 
-def build_run(cfg: Config) -> Run:
+def build_run(cfg: Config, device: torch.device | str = "cpu") -> Run:
     """Set up a run as ``training_loop`` does for a fresh start on one process (no DDP wrapper, no data stream)."""
     t = cfg.train
-    G, D, opt_g, opt_d, masks = build_training(cfg)
+    G, D, opt_g, opt_d, masks = build_training(cfg, device)
     masks.initialize()
     ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
     # Fixed, seeded images: dense and sparse runs see the same "data".
@@ -126,7 +129,7 @@ def build_run(cfg: Config) -> Run:
     side, batch = cfg.model.resolution, t.batch_size
     real = torch.rand(batch, 3, side, side, generator=generator) * 2 - 1
     y_real = torch.randint(cfg.model.n_classes, (batch,), generator=generator)
-    return Run(cfg, G, D, opt_g, opt_d, masks, ema, real, y_real)
+    return Run(cfg, G, D, opt_g, opt_d, masks, ema, real.to(device), y_real.to(device))
 
 
 def train_iteration(run: Run) -> None:
@@ -144,7 +147,8 @@ def train_iteration(run: Run) -> None:
 
     def latents() -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(micro, cfg.model.dim_z, generator=rng)
-        return z, torch.randint(cfg.model.n_classes, (micro,), generator=rng)
+        y = torch.randint(cfg.model.n_classes, (micro,), generator=rng)
+        return z.to(run.real.device), y.to(run.real.device)
 
     # Update discriminator.
     G.train()
@@ -213,7 +217,7 @@ def bench_iteration(args: argparse.Namespace) -> dict[str, Any]:
     cfg_sparse = load_config("cifar10.yaml", overrides)
     cfg_dense = load_config("cifar10_dense.yaml", overrides)
     check_same_init(cfg_sparse, cfg_dense)
-    runs = {"dense": build_run(cfg_dense), "sparse": build_run(cfg_sparse)}
+    runs = {"dense": build_run(cfg_dense, args.device), "sparse": build_run(cfg_sparse, args.device)}
     densities = {name: {net: density(run.masks, net) for net in NETWORKS} for name, run in runs.items()}
     if densities["sparse"]["G"] > 0.5 or densities["dense"]["G"] < 1.0:
         raise RuntimeError(f"the sparse run is not sparse or the dense run not dense: {densities}")
@@ -234,6 +238,7 @@ def bench_iteration(args: argparse.Namespace) -> dict[str, Any]:
     ratios = [s / d for s, d in zip(times["sparse"], times["dense"], strict=True)]
     return {
         "config": "cifar10.yaml vs cifar10_dense.yaml",
+        "device": str(args.device),
         "batch_size": args.batch,
         "d_steps": args.d_steps,
         "measured_density": densities,
@@ -529,6 +534,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="CIFAR-10 batch (paper: 50; default 8 to fit a CPU)")
     parser.add_argument("--d-steps", type=int, default=1, help="D steps per G step (paper: 4; default 1)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats everywhere (~3 minutes)")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the iteration's device (%(default)s)"
+    )
     args = parser.parse_args(argv)
     if args.batch < 1 or args.d_steps < 1:
         parser.error("--batch and --d-steps must be >= 1")

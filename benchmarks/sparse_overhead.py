@@ -1,0 +1,7 @@
+"""Runs `sgtrain.benchmarks.sparse_overhead` (`--help` for its options); the benchmark lives in the package
+so that `python -m sgtrain bench` runs it from an installed sgtrain too."""
+
+from sgtrain.benchmarks.sparse_overhead import main
+
+if __name__ == "__main__":
+    main()
