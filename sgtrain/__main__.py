@@ -32,6 +32,8 @@ COMMANDS = {
     "[--classes 1,3,5] [--truncation 0.5] [--per-class 8] [--interpolate] [--standing] [--seed 0]",
     "export": "the EMA generator as one compact sparse file (safetensors), for sample --from: RUN_DIR_OR_CHECKPOINT "
     "--out G.sgt [--force]",
+    "bench": "efficiency figures, dense vs sparse, as JSON: [--suite all|step,masks,topology,data,eval,export] "
+    "[--json out.json] [--tiny]",
     "report": "PNG plots of a run (losses, evaluation, sparsity, per-layer densities, throughput): RUN_DIR "
     "[--out DIR (default RUN_DIR/report)]",
     "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|digits|mnist5k --out DIR "
@@ -168,6 +170,14 @@ def export(run: str, out: str, force: bool = False) -> None:
     print(format_summary(export_generator(str(run), str(out), force=force)))
 
 
+def bench(suite: str = "all", json: str | None = None, tiny: bool = False) -> None:
+    """Run the benchmark suites (each warms up, repeats, reports medians and dense-vs-sparse ratios)."""
+    from sgtrain.bench import format_summary, run_bench
+
+    result = run_bench(suite if isinstance(suite, str) else ",".join(suite), json, tiny=tiny)
+    print(format_summary(result))
+
+
 def report(run: str, out: str | None = None) -> None:
     """Plots of a run from its metrics.jsonl, latest checkpoint and config.yaml, one PNG per topic."""
     from sgtrain.report import format_summary, write_report
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     commands["evaluate"] = evaluate
     commands["report"] = report
     commands["export"] = export
+    commands["bench"] = bench
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
     except (ConfigError, CheckpointError, LaunchError, DataError) as error:
