@@ -2,8 +2,8 @@
 
 Suites (``--suite all`` runs them in this order; each warms up, repeats and reports medians):
 
-- ``step``: a CIFAR-10 BigGAN training iteration, dense vs STU (G 0.2 / D 0.5), interleaved; on the GPU when there
-  is one (``sgtrain.benchmarks.sparse_overhead``).
+- ``step``: a training iteration per model config (digits, CIFAR-10; ImageNet-128 too on a GPU), dense vs the
+  config's sparse method, interleaved; on the GPU when there is one (``sgtrain.benchmarks.sparse_overhead``).
 - ``masks``: mask enforcement per iteration (the mask manager vs a state-dict round trip), same module.
 - ``topology``: one topology update of the CIFAR-10 G + D, 1 rank vs 2 gloo ranks, sharded vs naive, with the bytes
   each rank sends (``sgtrain.benchmarks.distributed_topology``).
@@ -65,11 +65,18 @@ def suite_step(tiny: bool) -> dict[str, Any]:
     from sgtrain.config import load_config
     from sgtrain.flops import config_flops
 
-    figures = bench_iteration(_overhead_args(tiny))
-    figures["sparse_vs_dense_time"] = figures["sparse"]["median_s"] / figures["dense"]["median_s"]
-    # What a sparse kernel could save, for comparison: masked dense training spends the dense FLOPs.
-    figures["sparse_vs_dense_flops"] = config_flops(load_config("cifar10.yaml"))["train_iteration"]["sparse_fraction"]
-    return figures
+    # Per model config; ImageNet-128 only on a GPU (an iteration takes tens of seconds on a CPU).
+    configs = ["digits.yaml", "cifar10.yaml"] + (["imagenet128.yaml"] if torch.cuda.is_available() else [])
+    figures: dict[str, Any] = {}
+    for config in configs[:1] if tiny else configs:
+        args = _overhead_args(tiny)
+        args.config = config
+        one = bench_iteration(args)
+        one["sparse_vs_dense_time"] = one["sparse"]["median_s"] / one["dense"]["median_s"]
+        # What a sparse kernel could save, for comparison: masked dense training spends the dense FLOPs.
+        one["sparse_vs_dense_flops"] = config_flops(load_config(config))["train_iteration"]["sparse_fraction"]
+        figures[config] = one
+    return {"configs": figures}
 
 
 def suite_masks(tiny: bool) -> dict[str, Any]:
@@ -196,10 +203,14 @@ def summarize(suites: dict[str, Any]) -> dict[str, Any]:
     """The headline figure of every suite that ran, flat (the README table's rows)."""
     out: dict[str, Any] = {}
     if "step" in suites:
-        step = suites["step"]
-        out["step_dense_s"], out["step_sparse_s"] = step["dense"]["median_s"], step["sparse"]["median_s"]
-        out["step_sparse_vs_dense_time"] = step["sparse_vs_dense_time"]
-        out["step_sparse_vs_dense_flops"] = step["sparse_vs_dense_flops"]
+        for config, step in suites["step"]["configs"].items():
+            name = config.removesuffix(".yaml")
+            out[f"step_{name}_dense_s"], out[f"step_{name}_sparse_s"] = (
+                step["dense"]["median_s"],
+                step["sparse"]["median_s"],
+            )
+            out[f"step_{name}_sparse_vs_dense_time"] = step["sparse_vs_dense_time"]
+            out[f"step_{name}_sparse_vs_dense_flops"] = step["sparse_vs_dense_flops"]
     if "masks" in suites:
         out["masks_manager_s"] = suites["masks"]["manager"]["median_s"]
         out["masks_speedup_vs_state_dict"] = suites["masks"]["speedup"]
@@ -233,8 +244,10 @@ def run_bench(suite: str = "all", json_path: str | Path | None = None, *, tiny: 
     start = time.perf_counter()
     result: dict[str, Any] = {"format": FORMAT, "command": " ".join(sys.argv), "machine": machine(), "tiny": tiny}
     result["suites"] = {}
+    threads = torch.get_num_threads()
     for name in names:
         print(f"sgtrain bench: {name} ...", file=sys.stderr, flush=True)
+        torch.set_num_threads(threads)  # a suite may pin its own count (data: 1 core); the next starts afresh
         began = time.perf_counter()
         figures = SUITE_FUNCTIONS[name](tiny)
         figures["wall_s"] = time.perf_counter() - began

@@ -32,10 +32,11 @@ def test_the_json_names_the_machine_and_every_suite(bench: dict[str, Any]) -> No
 
 def test_every_named_figure_is_a_number(bench: dict[str, Any]) -> None:
     s = bench["suites"]
-    # Training step, dense vs sparse, medians and the ratios measured in the same process.
+    # Training step per model config, dense vs sparse, medians and the ratios measured in the same process.
+    (step,) = s["step"]["configs"].values()  # --tiny: the first config only
     for side in ("dense", "sparse"):
-        assert _number(s["step"][side]["median_s"])
-    assert _number(s["step"]["sparse_vs_dense_time"]) and 0 < s["step"]["sparse_vs_dense_flops"] < 1
+        assert _number(step[side]["median_s"])
+    assert _number(step["sparse_vs_dense_time"]) and 0 < step["sparse_vs_dense_flops"] < 1
     # Mask enforcement: the manager vs a state-dict round trip.
     assert _number(s["masks"]["manager"]["median_s"]) and _number(s["masks"]["speedup"])
     # Topology update, 1 rank vs 2 ranks, sharded vs naive, with bytes.
@@ -59,7 +60,7 @@ def test_every_named_figure_is_a_number(bench: dict[str, Any]) -> None:
 
 def test_the_summary_holds_each_suites_headline(bench: dict[str, Any]) -> None:
     summary = bench["summary"]
-    for key in ("step_sparse_vs_dense_time", "masks_speedup_vs_state_dict", "data_loader_vs_raw_decode"):
+    for key in ("step_digits_sparse_vs_dense_time", "masks_speedup_vs_state_dict", "data_loader_vs_raw_decode"):
         assert _number(summary[key]), key
     assert summary["topology_update_s"] and summary["inference_speedup"] and summary["export_coded_vs_goal"]
 

@@ -214,8 +214,10 @@ def fill_fake_grads(module: nn.Module, generator: torch.Generator) -> None:
 
 def bench_iteration(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {"train.batch_size": args.batch, "train.d_steps": args.d_steps}
-    cfg_sparse = load_config("cifar10.yaml", overrides)
-    cfg_dense = load_config("cifar10_dense.yaml", overrides)
+    config = getattr(args, "config", "cifar10.yaml")
+    cfg_sparse = load_config(config, overrides)
+    dense = {"sparse.method": "dense", "sparse.density_g": 1.0, "sparse.density_d": 1.0}  # as cifar10_dense.yaml
+    cfg_dense = load_config(config, {**overrides, **dense})
     check_same_init(cfg_sparse, cfg_dense)
     runs = {"dense": build_run(cfg_dense, args.device), "sparse": build_run(cfg_sparse, args.device)}
     densities = {name: {net: density(run.masks, net) for net in NETWORKS} for name, run in runs.items()}
@@ -223,7 +225,7 @@ def bench_iteration(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"the sparse run is not sparse or the dense run not dense: {densities}")
     flops = config_flops(cfg_sparse)["train_iteration"]
 
-    progress(f"CIFAR-10 iteration: warm-up {args.warmup} + {args.repeats} interleaved rounds")
+    progress(f"{config} iteration: warm-up {args.warmup} + {args.repeats} interleaved rounds")
     for _ in range(args.warmup):  # first steps allocate Adam's state and warm the allocator's caches
         for run in runs.values():
             train_iteration(run)
@@ -237,7 +239,7 @@ def bench_iteration(args: argparse.Namespace) -> dict[str, Any]:
     stats = {name: summary(values) for name, values in times.items()}
     ratios = [s / d for s, d in zip(times["sparse"], times["dense"], strict=True)]
     return {
-        "config": "cifar10.yaml vs cifar10_dense.yaml",
+        "config": f"{config} vs the same with sparse.method=dense",
         "device": str(args.device),
         "batch_size": args.batch,
         "d_steps": args.d_steps,
