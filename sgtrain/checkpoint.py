@@ -42,7 +42,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -76,7 +77,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        meta = {"step": step, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        meta = {"step": step, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
         write_atomic(path.with_name(path.name + ".json"), json.dumps(meta).encode())
     except OSError as error:  # a full disk, a quota, a vanished mount: stop, with the last good checkpoint intact
         tmp.unlink(missing_ok=True)
@@ -116,7 +117,7 @@ def verify(path: Path) -> None:
     size = path.stat().st_size
     if size != expected_bytes:
         raise CheckpointError(f"{path}: {size} bytes on disk, {expected_bytes} written (truncated?)")
-    if _sha256(path) != expected_sha:
+    if file_sha256(path) != expected_sha:
         raise CheckpointError(f"{path}: sha256 differs from the one recorded at write time (corrupted)")
 
 

@@ -25,7 +25,6 @@ of a layer, leaves 0.2 x 32 = 6.4 bits per non-zero for the positions (float32 v
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import struct
@@ -95,14 +94,6 @@ def rice_decode(quotients: np.ndarray, remainders: np.ndarray, *, nnz: int, k: i
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Export and load.
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _ema_masks(state: dict[str, Any], ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,7 +174,7 @@ def export_generator(run_or_checkpoint: str | Path, out: str | Path, *, force: b
         "config": json.dumps(config_to_dict(cfg)),
         "step": str(int(state["step"])),
         "source": str(source),
-        "source_sha256": _sha256(source),
+        "source_sha256": checkpoint.file_sha256(source),
         "layers": json.dumps(layers),
     }
     data = save(tensors, metadata=metadata)

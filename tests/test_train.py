@@ -160,7 +160,7 @@ def _plant_malicious_checkpoint(run_dir: Path, marker: Path, step: int = 5) -> P
     path = directory / f"step-{step:08d}.pt"
     torch.save({"step": step, "G": _RunsCode(marker)}, path)
     # A valid checksum record: the attacker controls the whole directory, so checksums cannot be the defence.
-    meta = {"step": step, "bytes": path.stat().st_size, "sha256": checkpoint._sha256(path)}
+    meta = {"step": step, "bytes": path.stat().st_size, "sha256": checkpoint.file_sha256(path)}
     path.with_name(path.name + ".json").write_text(json.dumps(meta))
     return path
 
