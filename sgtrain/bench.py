@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -37,18 +36,6 @@ from sgtrain.config import ConfigError
 
 SUITES = ("step", "masks", "topology", "data", "eval", "export")
 FORMAT = "sgtrain-bench/1"
-
-
-def _median_time(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
-    """Median wall seconds of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _overhead_args(tiny: bool) -> Any:
@@ -106,18 +93,19 @@ def suite_data(tiny: bool) -> dict[str, Any]:
 def suite_eval(tiny: bool) -> dict[str, Any]:
     from sgtrain.metrics.classifier import classifier_extractor
     from sgtrain.metrics.features import find_inception_file, inception_extractor
+    from sgtrain.sparse_inference import median_seconds
 
     figures: dict[str, Any] = {}
     images = torch.rand(64 if tiny else 512, 3, 32, 32) * 2 - 1
     extractor = classifier_extractor("digits", 32)
-    seconds = _median_time(lambda: extractor(images), warmup=1, repeats=1 if tiny else 3)
+    seconds = median_seconds(lambda: extractor(images), repeats=1 if tiny else 3)
     figures["classifier_32px"] = {"images": len(images), "median_s": seconds, "images_per_s": len(images) / seconds}
     if find_inception_file() is None:
         figures["inception"] = None  # the file is not installed: nothing measured
     else:
         extractor = inception_extractor(batch_size=16)
         batch = images[: 4 if tiny else 32]
-        seconds = _median_time(lambda: extractor(batch), warmup=1, repeats=1 if tiny else 2)
+        seconds = median_seconds(lambda: extractor(batch), repeats=1 if tiny else 2)
         figures["inception"] = {"images": len(batch), "median_s": seconds, "images_per_s": len(batch) / seconds}
     return figures
 
@@ -180,16 +168,11 @@ SUITE_FUNCTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
-    cpu = platform.processor() or "unknown"
-    with_name = Path("/proc/cpuinfo")
-    if with_name.is_file():
-        for line in with_name.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from sgtrain.benchmarks.sparse_overhead import cpu_model
+
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_model": cpu,
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -114,6 +114,17 @@ def _iteration_flops(
     return gan_iteration_flops(g, d, batch_size=cfg.train.batch_size, d_steps=cfg.train.d_steps)["total"]
 
 
+def _nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``[1]`` int64: 1 if any floating-point tensor holds a NaN or Inf, else 0 (ready for an all-reduce "max").
+
+    One fused max-|x| over the whole list (NaN and Inf survive a max) and one host sync, not one per tensor."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    if not floats:
+        return torch.zeros(1, dtype=torch.int64)
+    peak = torch.stack(torch._foreach_norm(floats, float("inf"))).float()
+    return torch.tensor([0 if bool(torch.isfinite(peak).all()) else 1], dtype=torch.int64)
+
+
 def _has_eval_record(path: Path, step: int) -> bool:
     """Whether the metrics log holds the evaluation of ``step``."""
     if not path.is_file():
@@ -384,9 +395,7 @@ def training_loop(
         tensors = [*G.state_dict().values(), *D.state_dict().values(), *ema.state_dict().values()]
         for opt in optimizer_states.values():
             tensors += [v for slot in opt["state"].values() for v in slot.values() if isinstance(v, torch.Tensor)]
-        floats = [v for v in tensors if v.is_floating_point()]
-        bad = torch.tensor([0 if all(bool(torch.isfinite(v).all()) for v in floats) else 1], dtype=torch.int64)
-        if int(dist.all_reduce(bad, "max")):
+        if int(dist.all_reduce(_nonfinite_flag(tensors), "max")):
             raise NonFiniteError(
                 f"the state of step {step} holds a NaN or Inf: its checkpoint is not written",
                 step=step,
@@ -469,12 +478,8 @@ def training_loop(
         """Whether every rank's losses and ``net``'s gradients of this update are finite (one tiny all-reduce).
         If not: skip the update (``train.nonfinite: skip``) or raise for a rollback, within ``max_nonfinite``."""
         nonlocal nonfinite_events
-        values = [torch.stack(losses).float()]
         grads = [p.grad for p in module.parameters() if p.grad is not None]  # (none under DeepSpeed: the engine's)
-        if grads:  # the largest |g| of each tensor: NaN and Inf survive the max
-            values.append(torch.stack(torch._foreach_norm(grads, float("inf"))).float())
-        bad = torch.tensor([0 if all(bool(torch.isfinite(v).all()) for v in values) else 1], dtype=torch.int64)
-        if int(dist.all_reduce(bad, "max")) == 0:
+        if int(dist.all_reduce(_nonfinite_flag([torch.stack(losses).float(), *grads]), "max")) == 0:
             return True
         nonfinite_events += 1
         # DeepSpeed has stepped inside backward already: only a rollback undoes it.
