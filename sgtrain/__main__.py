@@ -36,6 +36,8 @@ COMMANDS = {
     "[--json out.json] [--tiny]",
     "report": "PNG plots of a run (losses, evaluation, sparsity, per-layer densities, throughput): RUN_DIR "
     "[--out DIR (default RUN_DIR/report)]",
+    "study": "a grid of runs testing the paper's claims, and its report: --grid study.yaml [--workers N] "
+    "[--shard K/N] [--bench digits,ring8,grid25] [--out DIR] [--report FILE] [--report-only]",
     "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|digits|mnist5k --out DIR "
     "--resolution R [--shard-size N] [--format jpg|png] [--workers N]",
 }
@@ -185,6 +187,31 @@ def report(run: str, out: str | None = None) -> None:
     print(format_summary(write_report(str(run), out if out is None else str(out))))
 
 
+def study(
+    grid: str = "study.yaml",
+    workers: int = 1,
+    shard: str | None = None,
+    out: str | None = None,
+    report: str | None = None,
+    report_only: bool = False,
+    bench: str | None = None,
+) -> None:
+    """Run a study grid's missing cells (resuming interrupted ones) over worker processes, then write its report."""
+    from sgtrain.study import load_grid, run_study, write_study_report
+
+    loaded = load_grid(str(grid), out, report)
+    if report_only:
+        print(f"sgtrain study: wrote {write_study_report(loaded)}")
+        return
+    command = f"python -m sgtrain study --grid {grid} --workers {workers}" + (f" --shard {shard}" if shard else "")
+    command += (f" --out {out}" if out else "") + (f" --report {report}" if report else "")
+    benches = None if bench is None else (str(bench).split(",") if isinstance(bench, str) else list(bench))
+    command += f" --bench {','.join(benches)}" if benches else ""
+    outcome = run_study(loaded, workers=int(workers), shard=shard, benches=benches, command=command)
+    if "report" in outcome:
+        print(f"sgtrain study: wrote {outcome['report']}")
+
+
 def _usage() -> str:
     lines = ["usage: python -m sgtrain [COMMAND] [--config FILE] [--section.key=value ...]", "", "commands:"]
     lines += [f"  {name:<14}{text}" for name, text in COMMANDS.items()]
@@ -218,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     from sgtrain.dist import LaunchError
     from sgtrain.sparse.sync import MaskDivergenceError
     from sgtrain.stopping import EXIT_NONFINITE, EXIT_STOPPED, NonFiniteError, StoppedEarly
+    from sgtrain.study import StudyFailed
 
     commands = {"train": train, "print-config": print_config, "inspect": inspect, "flops": flops}
     commands["make-shards"] = make_shards
@@ -226,11 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     commands["report"] = report
     commands["export"] = export
     commands["bench"] = bench
+    commands["study"] = study
     try:
         fire.Fire(commands, command=argv, name="sgtrain")
     except (ConfigError, CheckpointError, LaunchError, DataError) as error:
         print(f"sgtrain: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StudyFailed as error:
+        print(f"sgtrain: error: {error}", file=sys.stderr)
+        return 1
     except MaskDivergenceError as error:
         print(f"sgtrain: error: {error}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -1,0 +1,156 @@
+"""The study grid: a miniature runs end to end, resumes, splits into shards, and its verdicts follow the numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY
+
+from sgtrain.__main__ import main
+from sgtrain.study import Grid, Stat, aggregate, claims, compare, load_grid, parse_shard
+
+
+def _miniature(tmp_path: Path, **extra) -> Path:
+    """A 2-cell grid (dense and STU-GAN, one seed) of the tiny BigGAN on the bundled digits."""
+    overrides = {**TINY, "data.shards": None, "train.steps": 4, "train.checkpoint_every": 2, "train.ema_start": 2}
+    overrides.update({"train.sample_every": 4, "sparse.update_every": 2, "train.log_every": 2})
+    grid = {
+        "out": str(tmp_path / "study"),
+        "report": str(tmp_path / "docs" / "study.md"),
+        "seeds": [0],
+        "methods": {"dense": {"method": "dense"}, "stu": {"method": "stu", "explore": "G", "grow_g": "gradient"}},
+        "digits": {
+            "config": "digits.yaml",
+            "overrides": overrides,
+            "density_g": [0.3],
+            "density_d": [0.5],
+            "evaluate": {"metrics": ["fid", "is", "classes"], "num_samples": 20, "extractor": "classifier"},
+        },
+        **extra,
+    }
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_a_two_cell_grid_runs_end_to_end_in_parallel_and_resumes(tmp_path: Path, capsys) -> None:
+    grid_path = _miniature(tmp_path)
+    assert main(["study", "--grid", str(grid_path), "--workers", "2"]) == 0
+    out = tmp_path / "study"
+    cells = {"dense": out / "digits" / "dense-s0", "stu": out / "digits" / "stu-g0.3-d0.5-s0"}
+    for name, run in cells.items():
+        # Each cell is an ordinary run directory: its config, metrics log and final checkpoint, then the result.
+        assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+        assert sorted(p.name for p in (run / "checkpoints").glob("*.pt"))[-1].endswith("4.pt"), name
+        result = json.loads((run / "result.json").read_text())
+        assert result["method"] == name and result["step"] == 4 and result["num_samples"] == 20
+        assert "classifier" in result["extractor"]
+        assert result["fid"] > 0 and 1 <= result["is"] <= 10 and 1 <= result["classes_covered"] <= 10
+    dense = json.loads((cells["dense"] / "result.json").read_text())
+    stu = json.loads((cells["stu"] / "result.json").read_text())
+    assert dense["train_flops_vs_dense"] == pytest.approx(1.0)
+    assert 0 < stu["train_flops_vs_dense"] < 0.6  # G at 0.3 and D at 0.5 of the dense weights
+    report = (tmp_path / "docs" / "study.md").read_text()
+    assert "| dense | 1 | 1 |" in report and "| STU-GAN | 0.3 | 0.5 |" in report
+    assert (
+        "matches or beats dense BigGAN" in report
+        and f"python -m sgtrain study --grid {grid_path} --workers 2" in report
+    )
+    for png in ("digits_vs_density.png", "digits_fd_vs_flops.png"):
+        assert (tmp_path / "docs" / "study" / png).stat().st_size > 10_000
+    log = json.loads((out / "study.json").read_text())["invocations"]
+    assert len(log) == 1 and log[0]["cells_run"] == 2 and log[0]["workers"] == 2
+
+    # Hand-written notes under the marker survive a rewrite; a rerun trains nothing and rewrites the report.
+    (tmp_path / "docs" / "study.md").write_text(report + "\nA note kept.\n")
+    stamps = {name: (run / "result.json").stat().st_mtime_ns for name, run in cells.items()}
+    capsys.readouterr()
+    assert main(["study", "--grid", str(grid_path), "--workers", "2"]) == 0
+    assert "2 complete, 0 to run" in capsys.readouterr().out
+    assert {name: (run / "result.json").stat().st_mtime_ns for name, run in cells.items()} == stamps
+    assert (tmp_path / "docs" / "study.md").read_text().endswith("A note kept.\n")
+
+    # A cell that lost its result (killed after training) is evaluated again, without training a step more.
+    lines = (cells["stu"] / "metrics.jsonl").read_text()
+    (cells["stu"] / "result.json").unlink()
+    assert main(["study", "--grid", str(grid_path)]) == 0
+    assert (cells["stu"] / "metrics.jsonl").read_text() == lines
+    assert json.loads((cells["stu"] / "result.json").read_text())["fid"] == pytest.approx(stu["fid"])
+
+
+def test_a_bad_grid_fails_in_one_line_before_any_cell_runs(tmp_path: Path, capsys) -> None:
+    grid_path = _miniature(tmp_path, seeds=[0])
+    tree = yaml.safe_load(grid_path.read_text())
+    tree["digits"]["overrides"]["train.stepz"] = 3
+    grid_path.write_text(yaml.safe_dump(tree))
+    assert main(["study", "--grid", str(grid_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.stepz" in err and "did you mean train.steps" in err
+    assert not (tmp_path / "study").exists()
+    tree["digits"]["overrides"].pop("train.stepz")
+    tree["methods"]["stu"] = {"explore": "G"}
+    grid_path.write_text(yaml.safe_dump(tree))
+    assert main(["study", "--grid", str(grid_path)]) == 2
+    assert "methods.stu must give sparse settings with a 'method' key" in capsys.readouterr().err
+    assert main(["study", "--grid", str(tmp_path / "missing.yaml")]) == 2
+    assert "shipped grids: study.yaml" in capsys.readouterr().err
+
+
+def test_the_shipped_grid_has_the_issues_cells_and_shards_split_it() -> None:
+    grid = load_grid("study.yaml")
+    cells = grid.cells()
+    digits = [c for c in cells if c.kind == "digits"]
+    # dense once per seed, then 4 sparse methods x 4 G densities x 2 D densities x 3 seeds
+    assert len(digits) == 3 + 4 * 4 * 2 * 3
+    assert {c.density_g for c in digits} == {1.0, 0.05, 0.1, 0.2, 0.3} and {c.seed for c in digits} == {0, 1, 2}
+    assert {c.method for c in digits} == {"dense", "static", "snip", "gmp", "stu"}
+    toy = [c for c in cells if c.kind == "gaussians"]
+    assert {c.bench for c in toy} == {"ring8", "grid25"} and {c.density_g for c in toy} == {1.0, 0.1, 0.05}
+    assert len({c.name for c in cells}) == len(cells)
+    shards = [[c for i, c in enumerate(cells) if i % 3 == parse_shard(f"{k}/3")[0]] for k in (1, 2, 3)]
+    assert sorted(c.name for s in shards for c in s) == sorted(c.name for c in cells)
+    with pytest.raises(ValueError, match="K/N"):
+        parse_shard("4/3")
+
+
+def _result(method: str, g: float, d: float, seed: int, fid: float, flops: float) -> dict:
+    return {
+        "bench": "digits",
+        "method": method,
+        "density_g": g,
+        "density_d": d,
+        "seed": seed,
+        "fid": fid,
+        "train_flops_vs_dense": flops,
+    }
+
+
+def test_verdicts_follow_the_numbers() -> None:
+    methods = {name: {"method": name} for name in ("dense", "static", "gmp", "stu")}
+    grid = Grid(
+        Path("g.yaml"),
+        Path("out"),
+        Path("r.md"),
+        [0, 1, 2],
+        methods,
+        {"density_g": [0.05, 0.3], "density_d": [0.3]},
+        None,
+    )
+    results = []
+    for seed, noise in enumerate((-1.0, 0.0, 1.0)):
+        results.append(_result("dense", 1.0, 1.0, seed, 100 + noise, 1.0))
+        for g, static_fid, stu_fid in ((0.05, 300, 200), (0.3, 150, 140)):
+            results.append(_result("static", g, 0.3, seed, static_fid + noise, 0.2))
+            results.append(_result("stu", g, 0.3, seed, stu_fid + noise, 0.2))
+            results.append(_result("gmp", g, 0.3, seed, stu_fid - 50 + noise, 0.6))
+    by_start = {claim[:12]: (verdict, evidence) for claim, verdict, evidence in claims(grid, aggregate(results))}
+    assert by_start["A sparse G ("][0] == "did not hold"  # 200 (G 0.05) against dense's 100, far beyond the noise
+    assert by_start["Dynamic expl"][0] == "held"  # lower than static at both densities
+    assert by_start["Exploration "][0] == "held"  # a gain of 100 at G 0.05 against 10 at G 0.3
+    assert by_start["Sparse-to-sp"][0] == "did not hold"  # GMP is better by 50 everywhere
+    assert by_start["Training spa"][0] == "held" and "3.0x" in by_start["Training spa"][1]
+    assert compare(Stat(1.0, 0.0, 3), Stat(2.0, 0.0, 3), lower_is_better=True).verdict == "better"
+    assert compare(Stat(1.0, 1.0, 3), Stat(1.5, 1.0, 3), lower_is_better=True).verdict == "within noise"
