@@ -293,8 +293,12 @@ def run_cell(grid: Grid, cell: Cell, threads: int = 1, quiet: bool = True) -> di
         else:
             from sgtrain.gaussians import gaussians_config, train_gaussians
 
-            metrics = train_gaussians(gaussians_config(grid.gaussians_settings(cell)), run_dir)
-    result = {**dataclasses.asdict(cell), "name": cell.name, **metrics, "cell_wall_s": time.perf_counter() - start}
+            trained = train_gaussians(gaussians_config(grid.gaussians_settings(cell)), run_dir)
+            # The cell's own fields name the row; the densities the masks reached are kept beside the nominal ones.
+            metrics = {k: v for k, v in trained.items() if k not in ("dataset", "method", "seed")}
+            metrics["reached_density_g"] = metrics.pop("density_g")
+            metrics["reached_density_d"] = metrics.pop("density_d")
+    result = {**metrics, **dataclasses.asdict(cell), "name": cell.name, "cell_wall_s": time.perf_counter() - start}
     write_atomic(result_path, (json.dumps(result, indent=1) + "\n").encode())
     return result
 
@@ -353,7 +357,7 @@ def run_study(
     cells = [c for i, c in enumerate(grid.cells()) if i % count == index and (not benches or c.bench in benches)]
     todo = [c for c in cells if not (grid.out / c.name / "result.json").is_file()]
     grid.out.mkdir(parents=True, exist_ok=True)
-    started, clock = datetime.datetime.now(datetime.UTC), time.perf_counter()
+    started, clock, commit = datetime.datetime.now(datetime.UTC), time.perf_counter(), _commit()  # the code that runs
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     print(
         f"sgtrain study: {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run on {workers} "
@@ -377,7 +381,7 @@ def run_study(
                     else:
                         print(f"  [{done}/{len(todo)}] {result['name']}: {_headline(result)}", flush=True)
     wall = time.perf_counter() - clock
-    _record_invocation(grid, started, wall, len(todo) - len(failed), workers, shard, command)
+    _record_invocation(grid, started, wall, len(todo) - len(failed), workers, shard, command, commit)
     outcome: dict[str, Any] = {"ran": len(todo) - len(failed), "skipped": len(cells) - len(todo), "failed": failed}
     missing = [c.name for c in grid.cells() if not (grid.out / c.name / "result.json").is_file()]
     if report and not missing:
@@ -397,7 +401,14 @@ def _headline(result: dict[str, Any]) -> str:
 
 
 def _record_invocation(
-    grid: Grid, started: datetime.datetime, wall: float, ran: int, workers: int, shard: str | None, command: str
+    grid: Grid,
+    started: datetime.datetime,
+    wall: float,
+    ran: int,
+    workers: int,
+    shard: str | None,
+    command: str,
+    commit: str,
 ) -> None:
     """Append this invocation to ``out/study.json``: the report's wall time is the sum over invocations."""
     from sgtrain.checkpoint import write_atomic
@@ -412,7 +423,7 @@ def _record_invocation(
             "workers": workers,
             "shard": shard,
             "command": command,
-            "commit": _commit(),
+            "commit": commit,
             "host": platform.node(),
         }
     )
