@@ -309,16 +309,16 @@ class Config:
 # Loading.
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A path as given if it exists, else a bare name looked up in the shipped ``configs/``."""
+def resolve_config_path(name: str | Path, folder: Path = CONFIG_DIR, kind: str = "config") -> Path:
+    """A path as given if it exists, else a bare name looked up in the shipped ``folder`` (``configs/``)."""
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+    for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
         if len(path.parts) == 1 and candidate.is_file():
             return candidate
-    shipped = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file {str(name)!r} not found (shipped configs: {shipped})")
+    shipped = ", ".join(sorted(p.name for p in folder.glob("*.yaml")))
+    raise ConfigError(f"{kind} file {str(name)!r} not found (shipped {kind}s: {shipped})")
 
 
 def _merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:

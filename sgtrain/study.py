@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from sgtrain.config import CONFIG_DIR, Config, ConfigError, load_config
+from sgtrain.config import CONFIG_DIR, Config, ConfigError, load_config, resolve_config_path
 
 STUDY_DIR = CONFIG_DIR / "study"
 GRID_KEYS = {"out", "report", "seeds", "methods", "digits", "gaussians"}
@@ -139,14 +139,7 @@ class Grid:
 
 def resolve_grid_path(name: str | Path) -> Path:
     """A path as given if it exists, else a bare name looked up in the shipped ``configs/study/``."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (STUDY_DIR / path.name, STUDY_DIR / f"{path.name}.yaml"):
-        if len(path.parts) == 1 and candidate.is_file():
-            return candidate
-    shipped = ", ".join(sorted(p.name for p in STUDY_DIR.glob("*.yaml")))
-    raise ConfigError(f"grid file {str(name)!r} not found (shipped grids: {shipped})")
+    return resolve_config_path(name, STUDY_DIR, "grid")
 
 
 def _unknown(keys: Any, valid: set[str], where: str) -> None:
