@@ -759,6 +759,7 @@ def _plots(grid: Grid, rows: dict, folder: Path) -> list[Path]:
         ax.legend(fontsize="small")
         written.append(folder / "digits_fd_vs_flops.png")
         figure.savefig(written[-1])
+    written += _montages(grid, folder)
     if grid.gaussians is not None:
         benches = grid.gaussians["datasets"]
         figure = Figure(figsize=(12, 3.8 * len(benches)), dpi=110, layout="constrained")
@@ -780,6 +781,49 @@ def _plots(grid: Grid, rows: dict, folder: Path) -> list[Path]:
                 ax.set_title(f"{bench}: {title}")
                 ax.grid(alpha=0.3, axis="y")
         written.append(folder / "gaussians.png")
+        figure.savefig(written[-1])
+    return written
+
+
+def _montages(grid: Grid, folder: Path) -> list[Path]:
+    """Side-by-side samples of the first seed: dense and every sparse method at the sparsest G (and the densest D),
+    per benchmark: the digits' last sample grid, the Gaussians' scatter plots."""
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    written = []
+    seed = grid.seeds[0]
+    for section, benches in ((grid.digits, ["digits"]), (grid.gaussians, (grid.gaussians or {}).get("datasets", []))):
+        if section is None:
+            continue
+        g, d = min(section["density_g"]), max(section["density_d"])
+        rows = []
+        for bench in benches:
+            entries = []
+            for method, settings in grid.methods.items():
+                dense = settings["method"] == "dense"
+                cell = Cell(bench, method, 1.0 if dense else g, 1.0 if dense else d, seed)
+                run = grid.out / cell.name
+                images = sorted((run / "samples").glob("*.png")) if bench == "digits" else [run / "samples.png"]
+                if images and images[-1].is_file():
+                    title = _label(grid, method) + ("" if dense else f", G {g:g} / D {d:g}")
+                    entries.append((title, images[-1]))
+            if entries:
+                rows.append(entries)
+        if not rows:
+            continue
+        columns = max(len(r) for r in rows)
+        figure = Figure(figsize=(3.2 * columns, 3.5 * len(rows)), dpi=110, layout="constrained")
+        axes = figure.subplots(len(rows), columns, squeeze=False)
+        for r, entries in enumerate(rows):
+            for c in range(columns):
+                ax = axes[r][c]
+                ax.axis("off")
+                if c < len(entries):
+                    ax.imshow(imread(entries[c][1]))
+                    ax.set_title(entries[c][0], fontsize="small")
+        name = "digits_samples.png" if section is grid.digits else "gaussians_samples.png"
+        written.append(folder / name)
         figure.savefig(written[-1])
     return written
 
@@ -852,12 +896,16 @@ def write_study_report(grid: Grid) -> Path:
         lines += ["## Digits: BigGAN on real data", "", digits_table(grid, rows), ""]
     for figure in figures:
         if figure.name.startswith("digits"):
+            if figure.name == "digits_samples.png":
+                lines += [f"Samples of the EMA generator, seed {grid.seeds[0]}, one row per class:", ""]
             lines += [f"![{figure.stem}]({report.stem}/{figure.name})", ""]
     if grid.gaussians is not None:
         lines += ["## 2-D mixtures of Gaussians", ""]
         for bench in grid.gaussians["datasets"]:
             lines += [f"### {bench}", "", gaussians_table(grid, rows, bench), ""]
         lines += [f"![gaussians]({report.stem}/gaussians.png)", ""]
+        if any(f.name == "gaussians_samples.png" for f in figures):
+            lines += [f"Samples of seed {grid.seeds[0]}:", "", f"![samples]({report.stem}/gaussians_samples.png)", ""]
     old = report.read_text() if report.is_file() else ""
     notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
     text = "\n".join(lines) + "\n" + NOTES_MARKER + notes

@@ -59,7 +59,7 @@ def test_a_two_cell_grid_runs_end_to_end_in_parallel_and_resumes(tmp_path: Path,
         "matches or beats dense BigGAN" in report
         and f"python -m sgtrain study --grid {grid_path} --workers 2" in report
     )
-    for png in ("digits_vs_density.png", "digits_fd_vs_flops.png"):
+    for png in ("digits_vs_density.png", "digits_fd_vs_flops.png", "digits_samples.png"):
         assert (tmp_path / "docs" / "study" / png).stat().st_size > 10_000
     log = json.loads((out / "study.json").read_text())["invocations"]
     assert len(log) == 1 and log[0]["cells_run"] == 2 and log[0]["workers"] == 2
@@ -184,3 +184,4 @@ def test_a_gaussians_grid_runs_and_reports_modes(tmp_path: Path) -> None:
     assert "ring8: a sparse generator with exploration" not in report  # no static cells: that claim is not tested
     assert (tmp_path / "study" / "ring8" / "dense-s0" / "samples.png").is_file()
     assert (tmp_path / "study" / "gaussians.png").stat().st_size > 10_000
+    assert (tmp_path / "study" / "gaussians_samples.png").stat().st_size > 10_000
