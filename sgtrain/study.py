@@ -585,7 +585,8 @@ def claims(grid: Grid, rows: dict) -> list[tuple[str, str, str]]:
             if not shared:
                 return "not tested", f"the grid has no {name} cells at STU-GAN's densities"
             if better * 2 > len(shared) and worse == 0:
-                return "held", evidence
+                # Better on average, but where no single setting clears the noise the evidence is weak: say so.
+                return ("held" if clear else "held on average, within seed noise"), evidence
             if better * 2 > len(shared):
                 return "partly held", evidence
             return "did not hold", evidence
@@ -597,7 +598,11 @@ def claims(grid: Grid, rows: dict) -> list[tuple[str, str, str]]:
             best = min(stu, key=lambda k: stu[k][1]["fid"].mean)
             verdict = {
                 "better": "held (beat dense)",
-                "within noise": "held (matched dense within noise)",
+                "within noise": (
+                    "held (matched dense within seed noise)"
+                    if outcome.gain >= 0
+                    else "inconclusive (worse on average, within seed noise)"
+                ),
                 "no spread": "inconclusive (one seed)",
             }.get(outcome.verdict, "did not hold")
             verdicts.append(
@@ -672,10 +677,11 @@ def claims(grid: Grid, rows: dict) -> list[tuple[str, str, str]]:
             shared = sorted(set(stu) & set(static))
             if not shared:
                 continue
-            parts, better, worse = [], 0, 0
+            parts, better, clear, worse = [], 0, 0, 0
             for k in shared:
                 outcome = compare(stu[k][1]["modes_covered"], static[k][1]["modes_covered"], lower_is_better=False)
                 better += outcome.gain >= 0
+                clear += outcome.verdict == "better"
                 worse += outcome.verdict == "worse"
                 parts.append(
                     f"G {k[0]:g}/D {k[1]:g}: {stu[k][1]['modes_covered'].text()} vs "
@@ -685,7 +691,11 @@ def claims(grid: Grid, rows: dict) -> list[tuple[str, str, str]]:
             verdicts.append(
                 (
                     f"{bench}: a sparse generator with exploration covers at least as many modes as a static one.",
-                    "held" if better == len(shared) and worse == 0 else ("partly held" if better else "did not hold"),
+                    (
+                        ("held" if clear else "held on average, within seed noise")
+                        if better == len(shared) and worse == 0
+                        else ("partly held" if better else "did not hold")
+                    ),
                     "Modes covered, STU-GAN vs static: " + "; ".join(parts) + dense_text + ".",
                 )
             )
@@ -729,6 +739,7 @@ def _plots(grid: Grid, rows: dict, folder: Path) -> list[Path]:
                         ax.axhline(stat.mean, color="black", linestyle="--", label="dense (± std)")
                         ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color="black", alpha=0.08)
                 ax.set_xscale("log")
+                ax.minorticks_off()  # (log-scale minor labels such as 0.056x10^-2 would crowd the densities' own)
                 ax.set_xticks(grid.digits["density_g"], [f"{g:g}" for g in grid.digits["density_g"]])
                 ax.set_xlabel("G density")
                 ax.set_title(f"{title}, D density {d:g}")

@@ -185,3 +185,18 @@ def test_a_gaussians_grid_runs_and_reports_modes(tmp_path: Path) -> None:
     assert (tmp_path / "study" / "ring8" / "dense-s0" / "samples.png").is_file()
     assert (tmp_path / "study" / "gaussians.png").stat().st_size > 10_000
     assert (tmp_path / "study" / "gaussians_samples.png").stat().st_size > 10_000
+
+
+def test_differences_inside_the_seed_noise_are_called_so() -> None:
+    methods = {name: {"method": name} for name in ("dense", "static", "stu")}
+    grid = Grid(
+        Path("g.yaml"), Path("out"), Path("r.md"), [0, 1, 2], methods, {"density_g": [0.2], "density_d": [0.3]}, None
+    )
+    results = []
+    for seed, noise in enumerate((-30.0, 0.0, 30.0)):
+        results.append(_result("dense", 1.0, 1.0, seed, 100 + noise, 1.0))
+        results.append(_result("static", 0.2, 0.3, seed, 110 + noise, 0.3))
+        results.append(_result("stu", 0.2, 0.3, seed, 105 + noise, 0.3))
+    by_start = {claim[:12]: verdict for claim, verdict, _ in claims(grid, aggregate(results))}
+    assert by_start["A sparse G ("] == "inconclusive (worse on average, within seed noise)"
+    assert by_start["Dynamic expl"] == "held on average, within seed noise"
