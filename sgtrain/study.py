@@ -28,8 +28,10 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,36 @@ class Grid:
         return {**settings, "dataset": cell.bench, "seed": cell.seed, "sparse": sparse}
 
 
+def cell_fingerprint(grid: Grid, cell: Cell) -> str:
+    """A hash of everything that makes a cell's result: its full training config (less run_dir, which --out moves)
+    and evaluation settings, or its Gaussians settings. A stored result of other settings is stale."""
+    import hashlib
+
+    if cell.kind == "digits":
+        from sgtrain.config import config_to_yaml
+
+        cfg = dataclasses.replace(grid.digits_config(cell), run_dir="cell")  # the same for every --out
+        text = config_to_yaml(cfg) + json.dumps((grid.digits or {}).get("evaluate") or {}, sort_keys=True)
+    else:
+        text = json.dumps(grid.gaussians_settings(cell), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stored_result(grid: Grid, cell: Cell) -> dict[str, Any] | None:
+    """The cell's result.json if it has one; :class:`ConfigError` if the grid has changed the cell's settings since
+    (results from before fingerprints were recorded carry none and are taken as they are)."""
+    path = grid.out / cell.name / "result.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if "fingerprint" in result and result["fingerprint"] != cell_fingerprint(grid, cell):
+        raise ConfigError(
+            f"{path.parent}: its result was made with other settings than the grid's now; remove that directory to "
+            "rerun the cell, or give the study another --out"
+        )
+    return result
+
+
 def resolve_grid_path(name: str | Path) -> Path:
     """A path as given if it exists, else a bare name looked up in the shipped ``configs/study/``."""
     return resolve_config_path(name, STUDY_DIR, "grid")
@@ -200,6 +232,10 @@ def load_grid(name: str | Path, out: str | Path | None = None, report: str | Pat
         digits=digits,
         gaussians=gaussians,
     )
+    names = [cell.name for cell in grid.cells()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # two workers would train the same run directory at once
+        raise ConfigError(f"{path}: cell {repeated[0]} comes twice (a repeated seed or density)")
     for cell in grid.cells():  # every config is built now: one clear error before hours of work, not during them
         try:
             if cell.kind == "digits":
@@ -225,18 +261,18 @@ def _output_to(path: Path) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "a") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
+    try:
+        with open(path, "a") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
             yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def _last_train_record(run_dir: Path) -> dict[str, Any]:
@@ -254,8 +290,9 @@ def run_cell(grid: Grid, cell: Cell, threads: int = 1, quiet: bool = True) -> di
 
     run_dir = grid.out / cell.name
     result_path = run_dir / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
+    stored = stored_result(grid, cell)
+    if stored is not None:
+        return stored
     torch.set_num_threads(threads)
     start = time.perf_counter()
     output = _output_to(run_dir / "study.log") if quiet else contextlib.nullcontext()
@@ -292,6 +329,7 @@ def run_cell(grid: Grid, cell: Cell, threads: int = 1, quiet: bool = True) -> di
             metrics["reached_density_g"] = metrics.pop("density_g")
             metrics["reached_density_d"] = metrics.pop("density_d")
     result = {**metrics, **dataclasses.asdict(cell), "name": cell.name, "cell_wall_s": time.perf_counter() - start}
+    result["fingerprint"] = cell_fingerprint(grid, cell)
     write_atomic(result_path, (json.dumps(result, indent=1) + "\n").encode())
     return result
 
@@ -301,7 +339,18 @@ def _worker_cell(grid: Grid, cell: Cell, threads: int) -> dict[str, Any]:
     try:
         return run_cell(grid, cell, threads)
     except Exception as error:  # reported per cell; the study exits non-zero
+        log = grid.out / cell.name / "study.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as file:  # after _output_to has restored the terminal: the traceback is the log's
+            file.write(traceback.format_exc())
         return {"name": cell.name, "error": f"{type(error).__name__}: {error}"}
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a Slurm or container allocation), not the whole machine's count."""
+    with contextlib.suppress(AttributeError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -318,12 +367,15 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 
 def _commit() -> str:
-    """The code's git commit (with +dirty when the tree has changes), or 'unknown' outside a checkout."""
+    """The code's git commit (+dirty when the package has changes, untracked modules included), or 'unknown'."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--", "sgtrain", "pyproject.toml"],
+            cwd=root,
+            capture_output=True,
+            text=True,
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -348,10 +400,14 @@ def run_study(
     if unknown:
         raise ConfigError(f"--bench {unknown[0]!r}: this grid has {', '.join(sorted(known))}")
     cells = [c for i, c in enumerate(grid.cells()) if i % count == index and (not benches or c.bench in benches)]
-    todo = [c for c in cells if not (grid.out / c.name / "result.json").is_file()]
+    todo = [c for c in cells if stored_result(grid, c) is None]  # (a stale result fails here, before any work)
     grid.out.mkdir(parents=True, exist_ok=True)
-    started, clock, commit = datetime.datetime.now(datetime.UTC), time.perf_counter(), _commit()  # the code that runs
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    started, clock, commit = (
+        datetime.datetime.now(datetime.timezone.utc),
+        time.perf_counter(),
+        _commit(),
+    )  # the code that runs
+    threads = max(1, _usable_cpus() // max(1, workers))
     print(
         f"sgtrain study: {len(cells)} cells, {len(cells) - len(todo)} complete, {len(todo)} to run on {workers} "
         f"process(es) x {threads} thread(s); results in {grid.out}",
@@ -362,11 +418,15 @@ def run_study(
     if todo:
         context = multiprocessing.get_context("spawn")  # a clean interpreter per worker: no forked torch threads
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            pending = {pool.submit(_worker_cell, grid, cell, threads) for cell in todo}
+            submitted = {pool.submit(_worker_cell, grid, cell, threads): cell for cell in todo}
+            pending = set(submitted)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    result = future.result()
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool as error:  # a worker died (killed, out of memory): its cells fail
+                        result = {"name": submitted[future].name, "error": f"worker process died: {error}"}
                     done += 1
                     if "error" in result:
                         failed.append(result)
@@ -404,23 +464,30 @@ def _record_invocation(
     commit: str,
 ) -> None:
     """Append this invocation to ``out/study.json``: the report's wall time is the sum over invocations."""
+    import fcntl
+
+    import torch
+
     from sgtrain.checkpoint import write_atomic
 
     path = grid.out / "study.json"
-    log = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
-    log["invocations"].append(
-        {
-            "started": started.isoformat(timespec="seconds"),
-            "wall_s": wall,
-            "cells_run": ran,
-            "workers": workers,
-            "shard": shard,
-            "command": command,
-            "commit": commit,
-            "host": platform.node(),
-        }
-    )
-    write_atomic(path, (json.dumps(log, indent=1) + "\n").encode())
+    record = {
+        "started": started.isoformat(timespec="seconds"),
+        "wall_s": wall,
+        "cells_run": ran,
+        "workers": workers,
+        "shard": shard,
+        "command": command,
+        "commit": commit,
+        "host": platform.node(),
+        "cpus": _usable_cpus(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    with open(grid.out / "study.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # shards on one file system may finish at the same moment
+        log = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+        log["invocations"].append(record)
+        write_atomic(path, (json.dumps(log, indent=1) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -491,6 +558,7 @@ class Comparison:
 
 
 def compare(a: Stat, b: Stat, lower_is_better: bool) -> Comparison:
+    """A against B: the gain of A's mean and the standard error of the difference of two independent means."""
     gain = (b.mean - a.mean) if lower_is_better else (a.mean - b.mean)
     return Comparison(gain, math.sqrt(a.std**2 / a.n + b.std**2 / b.n), min(a.n, b.n))
 
@@ -510,7 +578,12 @@ def _sorted_rows(rows: dict, bench: str) -> list[tuple[tuple[str, str, float, fl
 
 
 def _label(grid: Grid, method: str) -> str:
-    return LABELS.get(grid.methods[method]["method"], method) if method in grid.methods else method
+    """The paper's name of the method, with the grid's own name where two grid methods share one kind."""
+    if method not in grid.methods:
+        return method
+    kind = grid.methods[method]["method"]
+    shared = sum(settings["method"] == kind for settings in grid.methods.values()) > 1
+    return f"{LABELS.get(kind, kind)} ({method})" if shared else LABELS.get(kind, method)
 
 
 def digits_table(grid: Grid, rows: dict) -> str:
@@ -536,8 +609,9 @@ def digits_table(grid: Grid, rows: dict) -> str:
 
 def gaussians_table(grid: Grid, rows: dict, bench: str) -> str:
     lines = [
-        "| method | G density | D density | modes covered ↑ | high-quality samples ↑ | train FLOPs vs dense | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| method | G density | D density | modes covered ↑ | modes with ≥ 20 ↑ | high-quality samples ↑ | "
+        "train FLOPs vs dense | seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (_, method, g, d), stats in _sorted_rows(rows, bench):
         total = int(stats["modes_total"].mean) if "modes_total" in stats else "?"
@@ -546,6 +620,7 @@ def gaussians_table(grid: Grid, rows: dict, bench: str) -> str:
             _fmt_density(g),
             _fmt_density(d),
             f"{stats['modes_covered'].text(3)} / {total}",
+            stats["modes_covered_20"].text(3) if "modes_covered_20" in stats else "–",
             f"{100 * stats['hq_rate'].mean:.1f}% ± {100 * stats['hq_rate'].std:.1f}",
             f"{stats['train_flops_vs_dense'].mean:.3f}",
             str(len(stats["seeds"])),
@@ -555,8 +630,9 @@ def gaussians_table(grid: Grid, rows: dict, bench: str) -> str:
 
 
 def _by_method(grid: Grid, rows: dict, bench: str, kind: str) -> dict[tuple[float, float], tuple[str, dict]]:
-    """(G density, D density) -> (method name, stats) of the grid's method of sparse.method ``kind``."""
-    names = [m for m, s in grid.methods.items() if s["method"] == kind]
+    """(G density, D density) -> (method name, stats) of the grid's method of sparse.method ``kind``: the first one
+    the grid lists, when it has variants (e.g. stu with explore G and with GD)."""
+    names = [m for m, s in grid.methods.items() if s["method"] == kind][:1]
     return {(k[2], k[3]): (k[1], v) for k, v in rows.items() if k[0] == bench and k[1] in names}
 
 
@@ -625,21 +701,34 @@ def claims(grid: Grid, rows: dict) -> list[tuple[str, str, str]]:
                     evidence,
                 )
             )
-            gains = {}
+            gains, variances = {}, {}  # mean FD gain over the D densities at each G density, and its variance
             for g in sorted({k[0] for k in stu} & {k[0] for k in static}):
                 pairs = [k for k in stu if k[0] == g and k in static]
                 gains[g] = sum(static[k][1]["fid"].mean - stu[k][1]["fid"].mean for k in pairs) / len(pairs)
+                variances[g] = (
+                    sum(compare(stu[k][1]["fid"], static[k][1]["fid"], lower_is_better=True).se ** 2 for k in pairs)
+                    / len(pairs) ** 2
+                )
             if len(gains) >= 2:
                 low, high = min(gains), max(gains)
-                held = gains[low] > 0 and gains[low] > gains[high]
+                gap = Comparison(gains[low] - gains[high], math.sqrt(variances[low] + variances[high]), len(grid.seeds))
+                if gains[low] <= 0 or gap.verdict == "worse":
+                    verdict = "did not hold"
+                elif gap.verdict == "better":
+                    verdict = "held"
+                else:
+                    verdict = "held on average, within seed noise" if gap.gain > 0 else "did not hold on average"
                 verdicts.append(
                     (
                         "Exploration matters most when the generator is very sparse.",
-                        "held" if held else "did not hold",
-                        "Mean FD gain of STU-GAN over static (averaged over D densities), by G density: "
-                        + ", ".join(f"{g:g}: {v:+.0f}" for g, v in sorted(gains.items()))
-                        + f". The gain at G {low:g} is {'larger' if gains[low] > gains[high] else 'not larger'} "
-                        f"than at G {high:g}.",
+                        verdict,
+                        "Mean FD gain of STU-GAN over static (averaged over D densities) by G density, ± two standard "
+                        "errors: "
+                        + ", ".join(
+                            f"{g:g}: {v:+.0f} ± {2 * math.sqrt(variances[g]):.0f}" for g, v in sorted(gains.items())
+                        )
+                        + f". The gain at G {low:g} exceeds the gain at G {high:g} by {gap.gain:+.0f} "
+                        f"± {2 * gap.se:.0f}.",
                     )
                 )
         for kind, name in (("gmp", "GMP (gradual magnitude pruning from dense)"), ("snip", "SNIP")):
@@ -692,9 +781,11 @@ def claims(grid: Grid, rows: dict) -> list[tuple[str, str, str]]:
                 (
                     f"{bench}: a sparse generator with exploration covers at least as many modes as a static one.",
                     (
-                        ("held" if clear else "held on average, within seed noise")
-                        if better == len(shared) and worse == 0
-                        else ("partly held" if better else "did not hold")
+                        "did not hold"
+                        if worse
+                        else ("held" if clear else "held on average, within seed noise")
+                        if better == len(shared)
+                        else "inconclusive (fewer modes on average, within seed noise)"
                     ),
                     "Modes covered, STU-GAN vs static: " + "; ".join(parts) + dense_text + ".",
                 )
@@ -850,6 +941,17 @@ def write_study_report(grid: Grid) -> Path:
     wall = sum(i["wall_s"] for i in invocations)
     compute = sum(r.get("cell_wall_s", 0.0) for r in results)
     commits = sorted({i["commit"] for i in invocations}) or ["unknown"]
+    # Shards run side by side: the span from the first start to the last end is the time a reader waits.
+    starts = [datetime.datetime.fromisoformat(i["started"]).timestamp() for i in invocations]
+    span = max((t + i["wall_s"] for t, i in zip(starts, invocations, strict=True)), default=0.0) - min(
+        starts, default=0
+    )
+    hosts = sorted(
+        {
+            f"{i['host']} ({i['cpus']} CPUs, {i['gpu'] or 'no GPU'})" if "cpus" in i else f"{i['host']}"
+            for i in invocations
+        }
+    )
     commands = sorted({i["command"] for i in invocations if i.get("command")})
     lines = [
         "# Does sparse beat dense? sgtrain's small-scale study of the paper's claims",
@@ -867,9 +969,9 @@ def write_study_report(grid: Grid) -> Path:
         f"(seeds {', '.join(map(str, grid.seeds))}), each an ordinary run directory "
         f"under `{grid.out}`.",
         f"- Commit: {', '.join(f'`{c}`' for c in commits)}.",
-        f"- Wall time: {wall / 60:.1f} min over {len(invocations)} invocation(s) "
-        f"({compute / 60:.1f} min of cell time summed over worker processes); "
-        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU.",
+        f"- Wall time: {wall / 60:.1f} min summed over {len(invocations)} invocation(s), {span / 60:.1f} min from the "
+        f"first start to the last end ({compute / 60:.1f} min of cell time summed over worker processes).",
+        f"- Machines: {'; '.join(hosts) or 'not recorded'}.",
         "",
     ]
     if grid.digits is not None:
@@ -882,17 +984,19 @@ def write_study_report(grid: Grid) -> Path:
             f"{cfg.train.ema_start}; layer densities {cfg.sparse.distribution}; STU-GAN updates G every "
             f"{cfg.sparse.update_every} G steps until {cfg.sparse.update_end:.0%} of the run (drop "
             f"{cfg.sparse.drop_fraction:g}, cosine-decayed).",
-            f"- Evaluation: the EMA generator's {evaluation.get('num_samples', 1000)} samples against the real digits, "
-            "features and logits of sgtrain's bundled digit classifier (`sgtrain evaluate --extractor classifier`): "
-            "FD is the Fréchet distance of its features (the FID recipe, a different feature space: values are not "
-            "comparable to Inception FIDs), IS its Inception-Score analogue (max 10), classes covered the classes "
-            "that receive at least 20% of their fair share of samples.",
+            f"- Evaluation: {evaluation.get('num_samples', 1000)} samples of the EMA generator against the first "
+            f"{evaluation.get('num_samples', 1000)} real digits, in the features and logits of sgtrain's bundled digit "
+            "classifier (`sgtrain evaluate --extractor classifier`): FD is the Fréchet distance of its features (the "
+            "FID recipe in another feature space: not comparable to Inception FIDs), IS its Inception-Score analogue "
+            "(at most 10), classes covered the classes that the classifier's predictions (argmax) give to at least "
+            "20% of a uniform share of the samples (20 of 1,000).",
         ]
     if grid.gaussians is not None:
         lines.append(
-            "- Gaussians: the VEEGAN / PacGAN 2-D benchmark (`sgtrain/gaussians.py`): unconditional MLP G and D; "
-            "modes covered and the rate of high-quality samples (within 3 standard deviations of a mode) over "
-            "2,500 samples."
+            "- Gaussians: the VEEGAN / PacGAN 2-D benchmark (`sgtrain/gaussians.py`): unconditional MLP G and D, "
+            "2,500 samples scored; a sample is high quality within 3 standard deviations of its nearest mode; a mode "
+            "is covered with at least one high-quality sample (the rule of PacGAN's released code), and the stricter "
+            "count of modes with at least 20 is given beside it."
         )
     lines += ["", "## The paper's claims at this scale", ""]
     lines += ["| claim | verdict | evidence |", "|---|---|---|"]

@@ -47,6 +47,7 @@ def test_a_two_cell_grid_runs_end_to_end_in_parallel_and_resumes(tmp_path: Path,
         assert sorted(p.name for p in (run / "checkpoints").glob("*.pt"))[-1].endswith("4.pt"), name
         result = json.loads((run / "result.json").read_text())
         assert result["method"] == name and result["step"] == 4 and result["num_samples"] == 20
+        assert len(result["fingerprint"]) == 16
         assert "classifier" in result["extractor"]
         assert result["fid"] > 0 and 1 <= result["is"] <= 10 and 1 <= result["classes_covered"] <= 10
     dense = json.loads((cells["dense"] / "result.json").read_text())
@@ -200,3 +201,21 @@ def test_differences_inside_the_seed_noise_are_called_so() -> None:
     by_start = {claim[:12]: verdict for claim, verdict, _ in claims(grid, aggregate(results))}
     assert by_start["A sparse G ("] == "inconclusive (worse on average, within seed noise)"
     assert by_start["Dynamic expl"] == "held on average, within seed noise"
+
+
+def test_a_changed_cell_or_a_repeated_one_is_refused(tmp_path: Path, capsys) -> None:
+    grid_path = _miniature(tmp_path)
+    grid = load_grid(grid_path)
+    cell = grid.cells()[0]
+    run = grid.out / cell.name
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"fingerprint": "0" * 16, "fid": 1.0}))
+    # The grid no longer describes how that result was made: stop before any work, and keep the result.
+    assert main(["study", "--grid", str(grid_path)]) == 2
+    assert "made with other settings than the grid's now" in capsys.readouterr().err
+    assert json.loads((run / "result.json").read_text())["fid"] == 1.0
+    tree = yaml.safe_load(grid_path.read_text())
+    tree["seeds"] = [0, 0]
+    grid_path.write_text(yaml.safe_dump(tree))
+    assert main(["study", "--grid", str(grid_path)]) == 2
+    assert "comes twice" in capsys.readouterr().err
