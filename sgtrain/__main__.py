@@ -38,8 +38,8 @@ COMMANDS = {
     "[--out DIR (default RUN_DIR/report)]",
     "study": "a grid of runs testing the paper's claims, and its report: --grid study.yaml [--workers N] "
     "[--shard K/N] [--bench digits,ring8,grid25] [--out DIR] [--report FILE] [--report-only]",
-    "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|digits|mnist5k --out DIR "
-    "--resolution R [--shard-size N] [--format jpg|png] [--workers N]",
+    "make-shards": "write webdataset shards: --source imagefolder:PATH|npz:PATH|cifar10:PATH[:test]|digits|mnist5k "
+    "--out DIR --resolution R [--shard-size N] [--format jpg|png] [--workers N]",
 }
 
 

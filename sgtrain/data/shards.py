@@ -1,4 +1,5 @@
-"""Write webdataset shards from an image folder, an ``.npz`` file or a bundled dataset (BigGAN preprocessing).
+"""Write webdataset shards from an image folder, an ``.npz`` file, the CIFAR-10 python release or a bundled dataset
+(BigGAN preprocessing).
 
 Layout of the output directory::
 
@@ -9,10 +10,11 @@ Layout of the output directory::
     manifest.json        format, source, resolution, counts, per-shard count and sha256, skipped files: written
                          last, so its presence marks a complete set of shards
 
-Samples are in source order (classes sorted, then files sorted by relative path), not shuffled: the reader
-shuffles. Images are centre-cropped to a square of the short side, resized with antialiasing and stored as RGB,
-so the training loop only decodes. The bytes written depend only on the source and the options, never on the
-number of worker processes, and tar members carry no time or owner, so rerunning gives identical shards.
+Samples are in source order (classes sorted, then files sorted by relative path; CIFAR-10: its batches in
+order), not shuffled: the reader shuffles. Images are centre-cropped to a square of the short side, resized with
+antialiasing and stored as RGB, so the training loop only decodes. The bytes written depend only on the source and
+the options, never on the number of worker processes, and tar members carry no time or owner, so rerunning gives
+identical shards.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tqdm import tqdm
 from sgtrain.checkpoint import write_atomic
 from sgtrain.config import ConfigError
 from sgtrain.data.builtin import BUILTIN_DATASETS, load_builtin
+from sgtrain.data.cifar import cifar10_location, read_cifar10
 
 SHARD_FORMAT = "sgtrain-shards/1"
 IMAGE_FORMATS = ("jpg", "png")
@@ -112,6 +115,10 @@ def _read_source(source: str, resolution: int) -> tuple[list[str], list[str], li
         root = Path(location).expanduser()
         classes, relative, labels = _image_folder(root)
         return classes, relative, labels, [str(root / path) for path in relative]
+    if kind == "cifar10" and location:
+        # Class names and indices come from batches.meta, not from the labels seen, so a split is never renumbered.
+        classes, names, images, y = read_cifar10(*cifar10_location(location))
+        return classes, names, y.tolist(), list(_array_images(images, f"cifar10 source {location}"))
     if kind == "npz" and location:
         path = Path(location).expanduser()
         if not path.is_file():
@@ -136,7 +143,8 @@ def _read_source(source: str, resolution: int) -> tuple[list[str], list[str], li
         images, y = grey.to(torch.uint8).numpy(), bundled.labels.numpy()
     else:
         raise ConfigError(
-            f"unknown shard source {source!r}: use imagefolder:PATH, npz:PATH or one of {', '.join(BUILTIN_DATASETS)}"
+            f"unknown shard source {source!r}: use imagefolder:PATH, npz:PATH, cifar10:PATH[:train|:test] or one of "
+            f"{', '.join(BUILTIN_DATASETS)}"
         )
     classes, labels = _array_labels(y, len(images), f"{source} source")
     return classes, [f"x[{i}]" for i in range(len(images))], labels, list(images)
@@ -220,7 +228,9 @@ def make_shards(
     """Preprocess ``source`` to ``resolution`` px RGB and write it as tar shards in ``out``; the manifest.
 
     ``source`` is ``imagefolder:PATH`` (one subfolder per class), ``npz:PATH`` (uint8 ``x`` of shape ``[N,H,W]``,
-    ``[N,H,W,1]``, ``[N,H,W,3]`` or ``[N,3,H,W]`` and integer labels ``y`` in 0..C-1) or a bundled dataset name.
+    ``[N,H,W,1]``, ``[N,H,W,3]`` or ``[N,3,H,W]`` and integer labels ``y`` in 0..C-1), ``cifar10:PATH`` (the
+    official ``cifar-10-python.tar.gz`` or its extracted folder: the 50,000 training images; ``cifar10:PATH:test``
+    the 10,000 test images) or a bundled dataset name.
     Files that cannot be decoded are skipped and listed in the manifest. Raises :class:`ConfigError`, before
     writing anything, for a bad source or options, or an ``out`` that already holds shards.
     """
