@@ -11,6 +11,8 @@ Suites (``--suite all`` runs them in this order; each warms up, repeats and repo
 - ``eval``: feature extraction, images/s: the digits classifier, and the TF-Inception network when its file is here.
 - ``export``: the sparse export's file size against the dense file and the goal, and sparse vs dense inference of
   the 32x32 generator at batch 1 and 64 (``sgtrain.export``, ``sgtrain.sparse_inference``).
+- ``grown``: not a speed: the first Adam step of a weight the CIFAR-10 G grows late in a run, ``|dw| / lr``, in each
+  optimizer-state mode (``sgtrain.benchmarks.grown_weights``).
 
 Each suite's figures sit under ``suites.<name>`` with the ratios measured in the same process (``summary`` holds the
 headline numbers of every suite, flat). ``--tiny`` shrinks every suite to a smoke test (the test suite runs it to
@@ -34,7 +36,7 @@ import torch
 
 from sgtrain.config import ConfigError
 
-SUITES = ("step", "masks", "topology", "data", "eval", "export")
+SUITES = ("step", "masks", "topology", "data", "eval", "export", "grown")
 FORMAT = "sgtrain-bench/1"
 
 
@@ -147,6 +149,12 @@ def suite_export(tiny: bool) -> dict[str, Any]:
     return figures
 
 
+def suite_grown(tiny: bool) -> dict[str, Any]:
+    from sgtrain.benchmarks.grown_weights import run_all
+
+    return run_all(warmup=2, batch_size=2) if tiny else run_all()
+
+
 def _quietly(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` with its stdout and stderr (progress bars, start lines) discarded."""
     import contextlib
@@ -163,6 +171,7 @@ SUITE_FUNCTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "data": suite_data,
     "eval": suite_eval,
     "export": suite_export,
+    "grown": suite_grown,
 }
 
 
@@ -211,6 +220,10 @@ def summarize(suites: dict[str, Any]) -> dict[str, Any]:
         out["export_coded_vs_goal"] = {d: s["coded_vs_goal"] for d, s in sizes}
         out["inference_speedup"] = {
             f"{row['density']}@{row['batch']}": row["speedup"] for row in suites["export"]["inference"]["results"]
+        }
+    if "grown" in suites:
+        out["grown_first_step_vs_lr_median"] = {
+            mode: r["grown"]["median"] for mode, r in suites["grown"]["modes"].items()
         }
     return out
 

@@ -28,6 +28,7 @@ MIXED_PRECISION = ("no", "bf16")
 NONFINITE_POLICIES = ("skip", "rollback")
 SPARSE_METHODS = ("dense", "static", "stu", "snip", "gmp", "prune_finetune")
 GROWTH_MODES = ("gradient", "random", "momentum")
+OPTIMIZER_STATES = ("dense", "masked")
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,9 @@ class TrainConfig:
     adam_eps: float = 1e-6  # BigGAN's Adam epsilon
     ema_decay: float = 0.99  # generator EMA decay per G step (BigGAN: 0.9999 over 100k+ steps)
     ema_start: int = 1000  # G step at which the EMA starts averaging (it copies G before)
+    # The EMA's buffers (batch-norm running statistics, spectral-norm vectors): average them with the same decay as
+    # the weights (BigGAN-PyTorch and the STU-GAN authors, whose `utils.ema` walks the whole state dict) | copy G's.
+    ema_buffers: str = "average"
     mixed_precision: str = "no"  # no | bf16 (autocast; losses and SN power iteration kept in fp32)
     # G's batch norm over the global batch, as BigGAN's cross-replica BN: a run then matches a one-process run of the
     # same global batch. Off: per-rank statistics (no collective inside the forward pass).
@@ -173,6 +177,10 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(self.ema_start >= 0, f"train.ema_start must be >= 0, got {self.ema_start}")
         _check(
+            self.ema_buffers in ("average", "copy"),
+            f"train.ema_buffers must be average or copy, got {self.ema_buffers!r}",
+        )
+        _check(
             self.mixed_precision in MIXED_PRECISION,
             f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
         )
@@ -191,14 +199,22 @@ class SparseConfig:
     erk_power: float = 1.0  # exponent on the (E)R(K) layer score; 1 is the paper's
     density_g: float = 1.0  # overall density of the generator's masked weights, in (0, 1]
     density_d: float = 1.0  # overall density of the discriminator's masked weights, in (0, 1]
-    targets: str = "conv_linear"  # masked tensors: conv_linear (conv + linear weights) | conv_only (the paper's)
+    targets: str = "conv_only"  # masked tensors: conv_only (4-D conv weights, the authors') | conv_linear (+ linear)
     dense_first_last: bool = False  # keep each network's first and last masked layer dense
     explore: str = "G"  # networks whose topology is updated (stu): G | D | GD | none
-    grow_g: str = "gradient"  # how G grows: gradient (RigL) | random (SET) | momentum (Adam exp_avg)
+    grow_g: str = "gradient"  # how G grows: gradient (RigL) | random (SET) | momentum (an EMA of dense gradients)
     grow_d: str = "random"  # how D grows when it explores
     update_every: int = 500  # G steps between topology updates (stu) or pruning steps (gmp)
-    update_end: float = 0.75  # fraction of the run after which topologies stay fixed
+    update_end: float = 1.0  # fraction of the run after which topologies stay fixed (the authors: to the end)
     drop_fraction: float = 0.5  # fraction of each layer's active weights replaced at the first update (cosine-decayed)
+    # The cosine's floor, reached at update_end: the authors' CosineDecay(eta_min=0.005); RigL's cosine ends at 0.
+    drop_fraction_min: float = 0.005
+    # What Adam sees of inactive weights. dense (the authors'): the full gradient, weights re-masked after every step,
+    # so inactive weights keep warm moments and a grown weight's first steps are of normal size. masked: gradients of
+    # inactive weights zeroed, their moments stay zero, as a truly sparse optimizer would keep them (sgtrain still
+    # stores them densely); a grown weight's second moment is then seeded with the mean second moment of the layer's
+    # weights that stay active (README, "Optimizer state of inactive and grown weights").
+    optimizer_state: str = "dense"
     gmp_start: float = 0.1  # gmp: fraction of the run where pruning starts (dense before)
     gmp_end: float = 0.6  # gmp: fraction of the run where the final density is reached
     prune_from: str | None = None  # prune_finetune: the dense checkpoint (.pt file or run directory) to prune
@@ -230,6 +246,19 @@ class SparseConfig:
         _check(self.update_every >= 1, f"sparse.update_every must be >= 1, got {self.update_every}")
         _check(0 < self.update_end <= 1, f"sparse.update_end must be in (0, 1], got {self.update_end}")
         _check(0 <= self.drop_fraction < 1, f"sparse.drop_fraction must be in [0, 1), got {self.drop_fraction}")
+        _check(
+            0 <= self.drop_fraction_min < 1, f"sparse.drop_fraction_min must be in [0, 1), got {self.drop_fraction_min}"
+        )
+        if self.method == "stu":  # only its schedule decays the drop fraction
+            _check(
+                self.drop_fraction_min <= self.drop_fraction,
+                f"sparse.drop_fraction_min ({self.drop_fraction_min}) must not exceed sparse.drop_fraction "
+                f"({self.drop_fraction}): it is the floor the drop fraction decays to",
+            )
+        _check(
+            self.optimizer_state in OPTIMIZER_STATES,
+            f"sparse.optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, got {self.optimizer_state!r}",
+        )
         _check(
             0 <= self.gmp_start < self.gmp_end <= 1,
             f"sparse.gmp_start < sparse.gmp_end must lie in [0, 1], got {self.gmp_start}, {self.gmp_end}",

@@ -11,7 +11,7 @@ import contextlib
 import gc
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -232,7 +232,8 @@ class Network:
 
     DDP all-reduces gradients in the last round only. A DeepSpeed engine reduces (and, under ZeRO-2, partitions)
     gradients itself during backward and takes the optimizer step inside its last ``step()`` call, which is why
-    the mask manager masks gradients in autograd hooks under DeepSpeed (``MaskManager.attach_to_engine``).
+    the mask manager reads (and, in masked mode, masks) gradients in autograd hooks under DeepSpeed
+    (``MaskManager.attach_to_engine``).
     """
 
     def __init__(
@@ -303,28 +304,36 @@ class Network:
                 safe_set_full_optimizer_state(p, slot["exp_avg"].to(p.device), "exp_avg")
                 safe_set_full_optimizer_state(p, slot["exp_avg_sq"].to(p.device), "exp_avg_sq")
 
-    def zero_state(self, param: nn.Parameter, where: torch.Tensor) -> None:
-        """Zero ``param`` and every optimizer slot of it at ``where`` (a topology change), in the engine's fp32
-        master copy too: ZeRO-1/2 keep one even for fp32 weights, and would copy a stale value back at the next
-        step otherwise. Under DeepSpeed a collective: every rank calls it for the same weights in the same order."""
-        with torch.no_grad():
-            param.masked_fill_(where, 0.0)
-            if not bool(where.any()):
-                return  # the same answer on every rank, so skipping the collectives below is safe
-            if self.engine is None:
-                raise RuntimeError("zero_state is for DeepSpeed engines; the mask manager clears torch optimizers")
-            from deepspeed.utils import (
-                safe_get_full_fp32_param,
-                safe_get_full_optimizer_state,
-                safe_set_full_fp32_param,
-                safe_set_full_optimizer_state,
-            )
+    def edit_state(self, param: nn.Parameter, edit: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``edit(key, whole tensor) -> new tensor`` to the engine's fp32 master copy of ``param`` (key
+        "param": ZeRO-1/2 keep one even for fp32 weights, and copy it back into the weight at the next step) and to
+        its Adam moments ("exp_avg", "exp_avg_sq"), each gathered whole and scattered back into the partitions. A
+        collective: every rank calls it for the same weights in the same order."""
+        if self.engine is None:
+            raise RuntimeError("edit_state is for DeepSpeed engines; the mask manager edits torch optimizers itself")
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_full_optimizer_state,
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
 
-            master = safe_get_full_fp32_param(param)
-            safe_set_full_fp32_param(param, master.masked_fill(where.to(master.device), 0.0))
+        with torch.no_grad():
+            safe_set_full_fp32_param(param, edit("param", safe_get_full_fp32_param(param)))
             for key in ("exp_avg", "exp_avg_sq"):
-                slot = safe_get_full_optimizer_state(param, key)
-                safe_set_full_optimizer_state(param, slot.masked_fill(where.to(slot.device), 0.0), key)
+                safe_set_full_optimizer_state(param, edit(key, safe_get_full_optimizer_state(param, key)), key)
+
+    def mask_master(self, params: list[nn.Parameter], masks: list[torch.Tensor]) -> None:
+        """Multiply the engine's fp32 master copy of each param by its mask (float, the param's shape), on the part
+        this rank holds: no communication. ZeRO-1/2 map each weight onto a contiguous range of the flat partition
+        (DeepSpeed's ``_hp_mapping``: the weight's flat range here and the matching view of the master copy)."""
+        with torch.no_grad():
+            for param, mask in zip(params, masks, strict=True):
+                mapping = getattr(param, "_hp_mapping", None)
+                if mapping is None:
+                    continue  # none of this weight lies in this rank's partition
+                where = mapping.lp_fragment_address
+                mapping.hp_fragment.mul_(mask.reshape(-1).narrow(0, where.start, where.numel).to(mapping.hp_fragment))
 
 
 def deepspeed_config_from_env(environ: Mapping[str, str]) -> dict[str, Any] | None:

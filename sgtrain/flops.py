@@ -132,24 +132,36 @@ def network_flops(layer_flops: Mapping[str, float], densities: Mapping[str, floa
     return float(sum(flops * densities.get(name, 1.0) for name, flops in layer_flops.items()))
 
 
-def gan_iteration_flops(g_forward: float, d_forward: float, *, batch_size: int, d_steps: int) -> dict[str, float]:
+def gan_iteration_flops(
+    g_forward: float,
+    d_forward: float,
+    *,
+    batch_size: int,
+    d_steps: int,
+    g_weight_grad: float | None = None,
+    d_weight_grad: float | None = None,
+) -> dict[str, float]:
     """FLOPs of one training iteration, one G step with its ``d_steps`` D steps, from per-sample forward FLOPs.
 
     With ``B = batch_size`` (images per D step over all ranks and accumulation rounds), ``F_G``, ``F_D`` the
-    per-sample forward FLOPs, and a backward counted as 2x the forward (RigL's convention: gradients with respect to
-    activations and to weights, one forward's worth each):
+    per-sample forward FLOPs, and a backward counted as the gradients with respect to activations (one forward's
+    worth) plus those with respect to weights, ``W_G``, ``W_D`` (RigL's convention: one forward's worth too, the
+    default; a sparse method that steps every weight on its dense gradient, ``sparse.optimizer_state: dense``, pays
+    the dense forward's worth instead):
 
-    - ``d_steps = d_steps * (F_G * B + 3 * F_D * 2B)``: G makes B fakes without backward, then D runs forward and
-      backward on the B real and B fake images together.
-    - ``g_step = 3 * F_G * B + 3 * F_D * B``: G forward and backward on B latents, and D forward and backward on the
-      B fakes, since G's gradient flows back through D. D is frozen there, so its weight gradients are skipped in
-      practice (~2x instead of 3x); the convention counts the full 3x, an upper bound.
+    - ``d_steps = d_steps * (F_G * B + (2 F_D + W_D) * 2B)``: G makes B fakes without backward, then D runs forward
+      and backward on the B real and B fake images together.
+    - ``g_step = (2 F_G + W_G) * B + (2 F_D + W_D) * B``: G forward and backward on B latents, and D forward and
+      backward on the B fakes, since G's gradient flows back through D. D is frozen there, so its weight gradients
+      are skipped in practice; the convention counts them, an upper bound.
     - ``total = d_steps + g_step``.
     """
     if batch_size < 1 or d_steps < 0:
         raise ValueError(f"need batch_size >= 1 and d_steps >= 0, got {batch_size} and {d_steps}")
-    d_total = d_steps * (g_forward * batch_size + 3 * d_forward * 2 * batch_size)
-    g_total = 3 * g_forward * batch_size + 3 * d_forward * batch_size
+    g_back = g_forward + (g_forward if g_weight_grad is None else g_weight_grad)
+    d_back = d_forward + (d_forward if d_weight_grad is None else d_weight_grad)
+    d_total = d_steps * (g_forward * batch_size + (d_forward + d_back) * 2 * batch_size)
+    g_total = (g_forward + g_back) * batch_size + (d_forward + d_back) * batch_size
     return {"d_steps": float(d_total), "g_step": float(g_total), "total": float(d_total + g_total)}
 
 
@@ -172,8 +184,12 @@ def flops_report(
     d_steps: int,
     g_densities: Mapping[str, float] | None = None,
     d_densities: Mapping[str, float] | None = None,
+    dense_weight_grads: bool = False,
 ) -> dict[str, Any]:
     """Per-sample inference FLOPs of G and D, dense and at the given layer densities, and FLOPs per iteration.
+
+    ``dense_weight_grads``: the sparse iteration computes every weight's gradient (``sparse.optimizer_state:
+    dense``, where Adam steps inactive weights too), so its weight gradients cost the dense forward's worth.
 
     ``g_densities`` / ``d_densities`` map module names of :func:`layer_forward_flops` (``"blocks.0.conv1"``) to
     densities; missing names are dense. Returns a JSON-serialisable dict::
@@ -194,7 +210,14 @@ def flops_report(
     d = _network_report(layer_forward_flops(discriminator, images, y.to(images.device)), d_densities)
 
     dense = gan_iteration_flops(g["inference_dense"], d["inference_dense"], batch_size=batch_size, d_steps=d_steps)
-    sparse = gan_iteration_flops(g["inference_sparse"], d["inference_sparse"], batch_size=batch_size, d_steps=d_steps)
+    sparse = gan_iteration_flops(
+        g["inference_sparse"],
+        d["inference_sparse"],
+        batch_size=batch_size,
+        d_steps=d_steps,
+        g_weight_grad=g["inference_dense"] if dense_weight_grads else None,
+        d_weight_grad=d["inference_dense"] if dense_weight_grads else None,
+    )
     train = {"dense": dense["total"], "sparse": sparse["total"], "sparse_fraction": sparse["total"] / dense["total"]}
     return {"G": g, "D": d, "train_iteration": train}
 
@@ -210,6 +233,13 @@ def format_flops(x: float) -> str:
         value, unit = value / 1000, unit + 1
         text = f"{value:.2f}"
     return f"{text} {_UNITS[unit]}"
+
+
+def dense_weight_gradients(sparse: Any) -> bool:
+    """Whether a run of ``sparse`` (a ``SparseConfig``) needs every weight's gradient at every step: a sparse
+    method in the authors' ``optimizer_state: dense``, where Adam steps the inactive weights too. (Masked mode needs
+    dense gradients only at topology updates, which RigL's convention leaves out: once per ``update_every`` steps.)"""
+    return sparse.method != "dense" and sparse.optimizer_state == "dense"
 
 
 def config_flops(cfg: Any) -> dict[str, Any]:
@@ -241,9 +271,11 @@ def config_flops(cfg: Any) -> dict[str, Any]:
         d_steps=t.d_steps,
         g_densities=densities["G"],
         d_densities=densities["D"],
+        dense_weight_grads=dense_weight_gradients(cfg.sparse),
     )
     report["config"] = {
         "method": cfg.sparse.method,
+        "optimizer_state": cfg.sparse.optimizer_state,
         "density_g": cfg.sparse.density_g,
         "density_d": cfg.sparse.density_d,
     }
@@ -256,7 +288,8 @@ def format_config_flops(report: dict[str, Any]) -> str:
     c = report["config"]
     lines = [
         f"sparse.method={c['method']}  G density {c['density_g']}  D density {c['density_d']}  "
-        f"(batch {c['batch_size']}, {c['d_steps']} D steps per G step)",
+        f"(batch {c['batch_size']}, {c['d_steps']} D steps per G step; optimizer_state {c['optimizer_state']}"
+        + (": weight gradients dense)" if c["method"] != "dense" and c["optimizer_state"] == "dense" else ")"),
         f"{'':<30}{'dense':>16}{'sparse':>16}{'fraction':>10}",
     ]
     for net in ("G", "D"):

@@ -62,7 +62,7 @@ from sgtrain.checkpoint import write_atomic
 # The repo's dict -> dataclass builder: unknown keys fail naming the nearest valid key, values are checked and
 # gently converted, exactly as for the main training config.
 from sgtrain.config import ConfigError, SparseConfig, _build, _check
-from sgtrain.flops import gan_iteration_flops, layer_forward_flops, network_flops
+from sgtrain.flops import dense_weight_gradients, gan_iteration_flops, layer_forward_flops, network_flops
 from sgtrain.sparse import MaskManager
 
 DATASETS = ("ring8", "grid25")
@@ -98,7 +98,8 @@ class GaussiansConfig:
     g_hidden: list[int] = field(default_factory=lambda: [128, 128, 128])
     d_hidden: list[int] = field(default_factory=lambda: [128, 128, 128])
     eval_samples: int = 2500  # generated samples scored at the end (the protocol's 2500)
-    sparse: SparseConfig = field(default_factory=SparseConfig)
+    # The MLPs are all linear layers: the analogue of the authors' conv-only masks is masking every weight matrix.
+    sparse: SparseConfig = field(default_factory=lambda: SparseConfig(targets="conv_linear"))
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
@@ -130,6 +131,9 @@ def gaussians_config(settings: dict[str, Any]) -> GaussiansConfig:
     Unknown keys (``"stepz"``, ``{"sparse": {"densty_g": ...}}``) and bad values raise :class:`ConfigError`."""
     if not isinstance(settings, dict):
         raise ConfigError(f"Gaussians settings must be a mapping, got {type(settings).__name__}")
+    sparse = settings.get("sparse")
+    if isinstance(sparse, dict) and "targets" not in sparse:  # the MLPs' only weights (see GaussiansConfig.sparse)
+        settings = {**settings, "sparse": {"targets": "conv_linear", **sparse}}
     return _build(GaussiansConfig, settings, prefix="")
 
 
@@ -251,7 +255,11 @@ def train_networks(cfg: GaussiansConfig) -> Trained:
 
     def iteration_flops(g_densities: dict[str, float], d_densities: dict[str, float]) -> float:
         g, d = network_flops(g_layers, g_densities), network_flops(d_layers, d_densities)
-        return gan_iteration_flops(g, d, batch_size=cfg.batch_size, d_steps=1)["total"]
+        dense = dense_weight_gradients(cfg.sparse)  # Adam steps every weight: every weight's gradient is computed
+        weight_grads = {"g_weight_grad": network_flops(g_layers), "d_weight_grad": network_flops(d_layers)}
+        return gan_iteration_flops(g, d, batch_size=cfg.batch_size, d_steps=1, **(weight_grads if dense else {}))[
+            "total"
+        ]
 
     dense_iteration = iteration_flops({}, {})
     train_flops = 0.0

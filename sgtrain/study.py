@@ -150,7 +150,10 @@ def cell_fingerprint(grid: Grid, cell: Cell) -> str:
         cfg = dataclasses.replace(grid.digits_config(cell), run_dir="cell")  # the same for every --out
         text = config_to_yaml(cfg) + json.dumps((grid.digits or {}).get("evaluate") or {}, sort_keys=True)
     else:
-        text = json.dumps(grid.gaussians_settings(cell), sort_keys=True)
+        from sgtrain.gaussians import gaussians_config
+
+        # The resolved config, defaults included: a change of sgtrain's defaults changes the cell too.
+        text = json.dumps(dataclasses.asdict(gaussians_config(grid.gaussians_settings(cell))), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -983,7 +986,8 @@ def write_study_report(grid: Grid) -> Path:
             f"{cfg.train.batch_size}, Adam {cfg.train.g_lr:g}/{cfg.train.d_lr:g}, EMA from step "
             f"{cfg.train.ema_start}; layer densities {cfg.sparse.distribution}; STU-GAN updates G every "
             f"{cfg.sparse.update_every} G steps until {cfg.sparse.update_end:.0%} of the run (drop "
-            f"{cfg.sparse.drop_fraction:g}, cosine-decayed).",
+            f"{cfg.sparse.drop_fraction:g}, cosine-decayed to {cfg.sparse.drop_fraction_min:g}; optimizer state "
+            f"{cfg.sparse.optimizer_state}).",
             f"- Evaluation: {evaluation.get('num_samples', 1000)} samples of the EMA generator against the first "
             f"{evaluation.get('num_samples', 1000)} real digits, in the features and logits of sgtrain's bundled digit "
             "classifier (`sgtrain evaluate --extractor classifier`): FD is the Fréchet distance of its features (the "
@@ -998,6 +1002,18 @@ def write_study_report(grid: Grid) -> Path:
             "is covered with at least one high-quality sample (the rule of PacGAN's released code), and the stricter "
             "count of modes with at least 20 is given beside it."
         )
+        from sgtrain.gaussians import gaussians_config
+
+        for cell in grid.cells():
+            if cell.kind == "gaussians" and grid.methods[cell.method]["method"] == "stu" and cell.seed == grid.seeds[0]:
+                g = gaussians_config(grid.gaussians_settings(cell))
+                if cell.bench == grid.gaussians["datasets"][0] and cell.density_g == grid.gaussians["density_g"][0]:
+                    lines.append(
+                        f"- Gaussians, {_label(grid, cell.method)}: G updated every {g.sparse.update_every} of "
+                        f"{g.steps} steps until {g.sparse.update_end:.0%} of the run (drop {g.sparse.drop_fraction:g}, "
+                        f"cosine-decayed to {g.sparse.drop_fraction_min:g}), optimizer state "
+                        f"{g.sparse.optimizer_state}."
+                    )
     lines += ["", "## The paper's claims at this scale", ""]
     lines += ["| claim | verdict | evidence |", "|---|---|---|"]
     lines += [f"| {c} | **{v}** | {e} |" for c, v, e in claims(grid, rows)]

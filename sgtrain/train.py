@@ -27,7 +27,7 @@ from sgtrain.data.shards import bundled_shards
 from sgtrain.data.stream import ShardLoader, resolve_shards
 from sgtrain.dist import Dist, Network
 from sgtrain.ema import EMA
-from sgtrain.flops import flops_report, gan_iteration_flops, network_flops
+from sgtrain.flops import dense_weight_gradients, flops_report, gan_iteration_flops, network_flops
 from sgtrain.images import save_grid
 from sgtrain.losses import d_hinge, g_hinge
 from sgtrain.models import Discriminator, Generator
@@ -111,7 +111,15 @@ def _iteration_flops(
     """Training FLOPs of one G iteration (with its D steps) at the given layer densities (sgtrain.flops conventions)."""
     g = network_flops(report["G"]["layers"], g_densities)
     d = network_flops(report["D"]["layers"], d_densities)
-    return gan_iteration_flops(g, d, batch_size=cfg.train.batch_size, d_steps=cfg.train.d_steps)["total"]
+    weight_grads = {}
+    if dense_weight_gradients(cfg.sparse):  # Adam steps every weight: every weight's gradient is computed
+        weight_grads = {
+            "g_weight_grad": report["G"]["inference_dense"],
+            "d_weight_grad": report["D"]["inference_dense"],
+        }
+    return gan_iteration_flops(g, d, batch_size=cfg.train.batch_size, d_steps=cfg.train.d_steps, **weight_grads)[
+        "total"
+    ]
 
 
 def _nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -139,11 +147,32 @@ def _has_eval_record(path: Path, step: int) -> bool:
 # Settings a run cannot change when it resumes: they define the weights and masks in the checkpoint.
 FIXED_ON_RESUME = {
     "model": None,  # every key
-    "sparse": ("method", "distribution", "erk_power", "density_g", "density_d", "targets", "dense_first_last"),
+    "sparse": (
+        "method",
+        "distribution",
+        "erk_power",
+        "density_g",
+        "density_d",
+        "targets",
+        "dense_first_last",
+        "optimizer_state",  # masked mode keeps inactive moments at zero; a dense-mode checkpoint holds warm ones
+    ),
+}
+
+
+# Settings added after checkpoints existed, with the behaviour those older checkpoints were trained with: a saved
+# config holds every field of its time, so a missing one means "before it existed", not today's default.
+LEGACY_SETTINGS = {
+    "sparse": {"optimizer_state": "masked", "drop_fraction_min": 0.0},
+    "train": {"ema_buffers": "copy"},
 }
 
 
 def _check_resumable(cfg: Config, saved: dict[str, Any], path: Path) -> None:
+    saved = {key: dict(value) if isinstance(value, dict) else value for key, value in saved.items()}
+    for section, values in LEGACY_SETTINGS.items():
+        for key, value in values.items():
+            saved.setdefault(section, {}).setdefault(key, value)
     old = config_from_dict(saved)
     diff = []
     for section, keys in FIXED_ON_RESUME.items():
@@ -280,13 +309,13 @@ def training_loop(
     latest = checkpoint.load_latest(run_dir)
     if latest is None:
         masks.initialize()  # masks (and the pruned dense weights for prune_finetune) before the EMA copies G
-        ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
+        ema = EMA(G, decay=t.ema_decay, start=t.ema_start, buffers=t.ema_buffers)
     else:
         path, state = latest
         _check_resumable(cfg, state["config"], path)
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
-        ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
+        ema = EMA(G, decay=t.ema_decay, start=t.ema_start, buffers=t.ema_buffers)
         ema.load_state_dict(state["ema"])
         masks.load_state_dict(state["masks"])
         step, position = int(state["step"]), int(state["position"])
@@ -319,7 +348,12 @@ def training_loop(
     # the weights into its fp32 master partitions now, so masks and resumed weights are in place before this.
     nets: dict[str, Network] = {}
     if dist.uses_deepspeed:
-        masks.attach_to_engine(lambda net, param, where: nets[net].zero_state(param, where))
+        masks.attach_to_engine(
+            edit_state=lambda net, param, edit: nets[net].edit_state(param, edit),
+            mask_master=lambda net, layers: nets[net].mask_master(
+                [layer.param for layer in layers], [layer.fmask for layer in layers]
+            ),
+        )
     for net, module, optimizer in (("G", G, opt_g), ("D", D, opt_d)):
         nets[net] = dist.wrap(module, optimizer, micro_batch=micro, accumulation=t.accumulation)
     if latest is not None:

@@ -124,6 +124,13 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         ({"sparse.method": "stu", "sparse.update_every": 0}, "sparse.update_every must be >= 1, got 0"),
         ({"sparse.method": "stu", "sparse.update_end": 0}, "sparse.update_end must be in (0, 1], got 0.0"),
         ({"sparse.method": "stu", "sparse.drop_fraction": 1.0}, "sparse.drop_fraction must be in [0, 1), got 1.0"),
+        ({"sparse.method": "stu", "sparse.drop_fraction": 0.0}, "sparse.drop_fraction_min (0.005) must not exceed"),
+        ({"sparse.method": "stu", "sparse.drop_fraction_min": -0.1}, "sparse.drop_fraction_min must be in [0, 1)"),
+        (
+            {"sparse.method": "stu", "sparse.optimizer_state": "sparse"},
+            "sparse.optimizer_state must be one of dense, masked, got 'sparse'",
+        ),
+        ({"train.ema_buffers": "mean"}, "train.ema_buffers must be average or copy, got 'mean'"),
         ({"sparse.method": "stu", "sparse.explore": "G+D"}, "sparse.explore must be G, D, GD or none"),
         ({"sparse.method": "stu", "sparse.targets": "all"}, "sparse.targets must be conv_linear or conv_only"),
         ({"sparse.method": "gmp", "sparse.gmp_start": 0.7}, "sparse.gmp_start < sparse.gmp_end must lie in [0, 1]"),

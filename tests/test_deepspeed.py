@@ -86,10 +86,14 @@ def _assert_close_states(a: dict[str, Any], b: dict[str, Any], atol: float) -> N
                 torch.testing.assert_close(other[key], slot[key], rtol=1e-3, atol=atol, msg=f"{opt}[{index}].{key}")
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_matches_ddp_with_a_sparse_update(tmp_path: Path, stage: int) -> None:
-    """ZeRO engines (masks in gradient hooks, local scores summed onto owners, masters and moments cleared at
-    changed weights) train the same G, D, EMA, masks and Adam moments as DDP, within fp32 tolerance.
+@pytest.mark.parametrize(("stage", "mode"), [(1, "dense"), (2, "dense"), (1, "masked"), (2, "masked")])
+def test_zero_matches_ddp_with_a_sparse_update(tmp_path: Path, stage: int, mode: str) -> None:
+    """ZeRO engines train the same G, D, EMA, masks and Adam moments as DDP, within fp32 tolerance. Dense mode
+    (the authors'): dense gradients into the engine, fp32 master copies re-masked after every step (else a grown
+    weight would start from its master's drifted value, not zero). Masked mode: gradients masked in hooks, masters
+    and moments cleared at changed weights, grown second moments seeded with the mean second moment of the weights
+    kept active (gathered whole, the same on every rank).
+    Local scores are summed onto owners in both.
 
     One topology update (after step 2 of 3): a weight grown at an update moves by the same ~2 lr at its first Adam
     step (beta1 = 0), so the next update's drop chooses among exact near-ties that fp32 noise decides; over several
@@ -99,7 +103,7 @@ def test_zero_matches_ddp_with_a_sparse_update(tmp_path: Path, stage: int) -> No
     config["zero_optimization"]["stage"] = stage
     ds_json = tmp_path / "zero.json"
     ds_json.write_text(json.dumps(config))
-    settings = _settings(**{"train.steps": 3, "sparse.update_every": 2})
+    settings = _settings(**{"train.steps": 3, "sparse.update_every": 2, "sparse.optimizer_state": mode})
     ddp, zero = tiny(tmp_path / "ddp", **settings), tiny(tmp_path / "zero", **settings)
     assert_all_succeeded(run_ranks(_train_deepspeed, ddp, None, "", 0))
     assert_all_succeeded(run_ranks(_train_deepspeed, zero, str(tmp_path), str(ds_json), 0))
@@ -110,17 +114,19 @@ def test_zero_matches_ddp_with_a_sparse_update(tmp_path: Path, stage: int) -> No
     assert len(ranks[0]["updates"]) == 1 and ranks[0]["updates"] == ranks[1]["updates"]
 
 
-def test_zero2_keeps_masks_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["dense", "masked"])
+def test_zero2_keeps_masks_exact(tmp_path: Path, mode: str) -> None:
     """Four updates under ZeRO-2 with accumulation: every rank holds the same masks after each, and in the final
-    checkpoint inactive weights, their EMA values and both Adam moments are exactly zero, counts unchanged."""
-    cfg = tiny(tmp_path / "run", **_settings())
+    checkpoint inactive weights and their EMA values are exactly zero, counts unchanged; in masked mode both Adam
+    moments of inactive weights are zero too, in dense mode they are warm (Adam saw the dense gradients)."""
+    cfg = tiny(tmp_path / "run", **_settings(**{"sparse.optimizer_state": mode}))
     assert_all_succeeded(run_ranks(_train_deepspeed, cfg, str(tmp_path), str(ZERO2), 0))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(ranks[0]["updates"]) == 4 and ranks[0]["updates"] == ranks[1]["updates"]
     state = _final_state(tmp_path / "run")
     G, D = build_models(config_from_dict(cfg))
     names = {"G": [n for n, _ in G.named_parameters()], "D": [n for n, _ in D.named_parameters()]}  # Adam's order
-    changed = 0
+    changed = warm = 0
     for key, entry in state["masks"]["layers"].items():
         net, layer = key.split(".", 1)
         weight = state[net][f"{layer}.weight"]
@@ -131,15 +137,19 @@ def test_zero2_keeps_masks_exact(tmp_path: Path) -> None:
             assert not state["ema"][f"{layer}.weight"][~mask].any(), f"{key}: inactive EMA weights are not zero"
         slot = state[f"opt_{net.lower()}"]["state"][names[net].index(f"{layer}.weight")]
         for moment in ("exp_avg", "exp_avg_sq"):
-            assert not slot[moment][~mask].any(), f"{key}: {moment} of inactive weights is not zero"
+            if mode == "masked":
+                assert not slot[moment][~mask].any(), f"{key}: {moment} of inactive weights is not zero"
+            warm += int((slot[moment][~mask] != 0).sum())
         changed += int((unpack_mask(entry["union"], weight.shape) & ~mask).sum())
     assert changed > 0, "no weight ever left the topology: the test shows nothing"
+    assert (warm > 0) == (mode == "dense"), f"{warm} non-zero moments of inactive weights in {mode} mode"
 
 
-def test_zero2_resume_is_exact(tmp_path: Path, assert_trees_equal) -> None:
+@pytest.mark.parametrize("mode", ["dense", "masked"])
+def test_zero2_resume_is_exact(tmp_path: Path, assert_trees_equal, mode: str) -> None:
     """Stopped after the step-2 checkpoint and resumed under ZeRO-2: the same final state, bit for bit, as an
     uninterrupted ZeRO-2 run (moments are gathered into the checkpoint and scattered back into fresh engines)."""
-    settings = _settings()
+    settings = _settings(**{"sparse.optimizer_state": mode})
     whole, split = tiny(tmp_path / "whole", **settings), tiny(tmp_path / "split", **settings)
     assert_all_succeeded(run_ranks(_train_deepspeed, whole, None, str(ZERO2), 0))
     assert_all_succeeded(run_ranks(_train_deepspeed, split, None, str(ZERO2), 3))

@@ -36,6 +36,7 @@ SPARSE = {
     "model.shared_dim": 8,
     "train.batch_size": 8,
     "sparse.method": "stu",
+    "sparse.targets": "conv_linear",  # G's linear layer masked too: the export codes masked linear layers as well
     "sparse.density_g": 0.2,
     "sparse.density_d": 0.5,
     "sparse.update_every": 2,

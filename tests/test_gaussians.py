@@ -195,7 +195,7 @@ def test_a_short_stu_run_keeps_every_layer_count_and_writes_its_cell(tmp_path: P
     cfg = tiny(sparse={"method": "stu", "density_g": 0.1, "density_d": 0.5, "explore": "GD", "update_every": 5})
     result = train_gaussians(cfg, tmp_path / "cell")
 
-    # Exact per-layer counts after 4 drop-and-grow updates (steps 5, 10, 15, 20 of 30, update_end 0.75), from the
+    # Exact per-layer counts after 6 drop-and-grow updates (steps 5, 10, ..., 30 of 30: update_end 1.0), from the
     # ERK distribution computed here, for both networks (both explore).
     for net, shapes, density in (("G", G_SHAPES, 0.1), ("D", D_SHAPES, 0.5)):
         for name, count in expected_counts(shapes, density).items():
@@ -266,11 +266,20 @@ def forward_flops(shapes: dict[str, tuple[int, int]], counts: dict[str, int] | N
 def test_training_flops_follow_the_densities_of_every_step(tmp_path: Path) -> None:
     # One iteration: G makes B fakes (F_G B), D forward + backward on 2B (3 F_D 2B), G forward + backward through D
     # (3 F_G B + 3 F_D B): 4 F_G + 9 F_D per sample of the batch. Static sparse pays its density from step 1.
-    static = train_gaussians(tiny(sparse={"method": "static", "density_g": 0.1, "density_d": 0.5}), tmp_path / "s")
+    # (In masked mode: weight gradients are needed at the density's positions only.)
+    sparse = {"method": "static", "density_g": 0.1, "density_d": 0.5, "optimizer_state": "masked"}
+    static = train_gaussians(tiny(sparse=sparse), tmp_path / "s")
     g_sparse = forward_flops(G_SHAPES, expected_counts(G_SHAPES, 0.1))
     d_sparse = forward_flops(D_SHAPES, expected_counts(D_SHAPES, 0.5))
     expected = (4 * g_sparse + 9 * d_sparse) / (4 * forward_flops(G_SHAPES) + 9 * forward_flops(D_SHAPES))
     assert static["train_flops_vs_dense"] == pytest.approx(expected, rel=1e-12)
+    # In dense mode (the authors') Adam steps every weight, so every weight gradient is computed: a dense forward's
+    # worth per backward, 3 F_G + W_G + 6 F_D + 3 W_D per sample.
+    authors = train_gaussians(tiny(sparse={**sparse, "optimizer_state": "dense"}), tmp_path / "a")
+    g_dense, d_dense = forward_flops(G_SHAPES), forward_flops(D_SHAPES)
+    expected = (3 * g_sparse + g_dense + 6 * d_sparse + 3 * d_dense) / (4 * g_dense + 9 * d_dense)
+    assert authors["train_flops_vs_dense"] == pytest.approx(expected, rel=1e-12)
+    assert static["train_flops_vs_dense"] < authors["train_flops_vs_dense"] < 1.0
 
     dense = train_gaussians(tiny(), tmp_path / "d")
     assert dense["train_flops_vs_dense"] == 1.0 and dense["density_g"] == dense["density_d"] == 1.0

@@ -25,6 +25,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     values.update({"train.steps": 6, "train.log_every": 1, "train.sample_every": 1000, "train.checkpoint_every": 3})
     values.update({"train.eval_every": 3, "train.eval_samples": 20})
     values.update({"sparse.method": "stu", "sparse.density_g": 0.5, "sparse.density_d": 0.5, "sparse.update_every": 2})
+    values["sparse.update_end"] = 0.75  # updates at 2 and 4 only (the default, 1.0, adds one at the last step)
     values["run_dir"] = str(tmp_path_factory.mktemp("run"))
     return train(load_config(None, values))
 

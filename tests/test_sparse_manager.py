@@ -44,6 +44,7 @@ D_CONVS = [f"blocks.{b}.{c}" for b in range(2) for c in ("conv1", "conv2", "conv
 D_CONVS += [f"blocks.{b}.{c}" for b in (2, 3) for c in ("conv1", "conv2")]
 MASKED = {"G": ["linear", *G_CONVS], "D": [*D_CONVS, "linear"]}
 CONV_ONLY = {"G": G_CONVS, "D": D_CONVS}
+MODES = ("dense", "masked")  # sparse.optimizer_state
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,6 +62,8 @@ def make_config(seed: int = 0, **sparse: Any) -> Config:
     values["seed"] = seed
     values["sparse.density_g"] = DENSITY["G"]
     values["sparse.density_d"] = DENSITY["D"]
+    # The harness masks linear layers too (MASKED), a superset of the default conv-only targets.
+    values["sparse.targets"] = "conv_linear"
     values.update({f"sparse.{key}": value for key, value in sparse.items()})
     return load_config(None, values)
 
@@ -75,6 +78,7 @@ class StepRecord:
     masks: dict[str, dict[str, torch.Tensor]]  # masks just before maybe_update (the ones after_ema saw)
     ema: dict[str, torch.Tensor]  # EMA of G's masked weights just after after_ema
     metrics: dict[str, float]  # maybe_update's return
+    moments: dict[str, dict[str, dict[str, torch.Tensor]]]  # Adam's exp_avg / exp_avg_sq just before maybe_update
 
 
 class Harness:
@@ -170,9 +174,18 @@ class Harness:
         self.masks.after_ema(self.ema.module)
         ema_params = dict(self.ema.module.named_parameters())
         ema = {layer.name: ema_params[f"{layer.name}.weight"].clone() for layer in self.masks.layers["G"]}
-        weights, masks = self.weight_tree(), self.mask_tree()
+        weights, masks, moments = self.weight_tree(), self.mask_tree(), self.moment_tree()
         metrics = self.masks.maybe_update(self.step)
-        return StepRecord(self.step, grads, weights, masks, ema, metrics)
+        return StepRecord(self.step, grads, weights, masks, ema, metrics, moments)
+
+    def moment_tree(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        return {
+            net: {
+                layer.name: {key: self.opt[net].state[layer.param][key].clone() for key in ("exp_avg", "exp_avg_sq")}
+                for layer in self.masks.layers[net]
+            }
+            for net in NETS
+        }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -207,11 +220,13 @@ def assert_counts(h: Harness, net: str, expected: dict[str, int], where: str = "
 
 
 def assert_inactive_zero(h: Harness, where: str = "") -> None:
-    """Invariant 2: inactive weights and their Adam moments are exactly zero."""
+    """Invariant 2: inactive weights are exactly zero, and in masked mode so are their Adam moments."""
     for net in NETS:
         for layer in h.masks.layers[net]:
             off = ~layer.mask
             assert torch.all(layer.param.detach()[off] == 0), f"{net}.{layer.name} {where}: inactive weight != 0"
+            if h.cfg.sparse.optimizer_state == "dense":
+                continue  # Adam steps inactive weights on their dense gradients: warm moments, by design
             state = h.opt[net].state[layer.param]
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.all(state[key][off] == 0), f"{net}.{layer.name} {where}: inactive {key} != 0"
@@ -221,8 +236,11 @@ def changed_layers(before: dict[str, torch.Tensor], after: dict[str, torch.Tenso
     return [name for name in before if not torch.equal(before[name], after[name])]
 
 
-def cosine_fraction(step: int, total: int, update_end: float, drop_fraction: float = 0.5) -> float:
-    return drop_fraction / 2 * (1 + math.cos(math.pi * step / (update_end * total)))
+def cosine_fraction(
+    step: int, total: int, update_end: float, drop_fraction: float = 0.5, floor: float = 0.005
+) -> float:
+    """The authors' CosineAnnealingLR(T_max=update_end * total, eta_min=floor) at ``step``, in closed form."""
+    return floor + (drop_fraction - floor) / 2 * (1 + math.cos(math.pi * step / (update_end * total)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -304,10 +322,12 @@ def test_dense_first_last_keeps_each_nets_first_and_last_layer_dense(distributio
 # 2-3. Topology updates: counts, which nets change, zeros and optimizer state.
 
 
-def test_hooks_mask_gradients_before_and_weights_after_the_optimizer_step() -> None:
-    # before_step zeroes the gradients of inactive weights; after_step re-masks the weights (weight decay or drift
-    # in an optimizer would otherwise revive them). Both checked on deliberately dirtied tensors.
-    h = Harness(method="static")
+@pytest.mark.parametrize("mode", MODES)
+def test_before_step_masks_gradients_in_masked_mode_and_after_step_masks_weights(mode: str) -> None:
+    # before_step zeroes the gradients of inactive weights in masked mode and leaves them whole in dense mode (the
+    # authors'); after_step re-masks the weights in both (Adam's dense step, or weight decay or drift in an
+    # optimizer, would otherwise revive them). Both checked on deliberately dirtied tensors.
+    h = Harness(method="static", optimizer_state=mode)
     h.train_step()
     for net in NETS:
         for layer in h.masks.layers[net]:
@@ -315,19 +335,28 @@ def test_hooks_mask_gradients_before_and_weights_after_the_optimizer_step() -> N
         h.masks.before_step(net)
         with torch.no_grad():
             for layer in h.masks.layers[net]:
-                assert torch.equal(layer.param.grad, layer.mask.float()), f"{net}.{layer.name}"
+                expected = layer.mask.float() if mode == "masked" else torch.ones_like(layer.param)
+                assert torch.equal(layer.param.grad, expected), f"{net}.{layer.name}"
                 layer.param.fill_(0.5)
         h.masks.after_step(net)
         for layer in h.masks.layers[net]:
             assert torch.equal(layer.param.detach(), layer.mask * 0.5), f"{net}.{layer.name}"
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("explore", ["G", "D", "GD"])
 @pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
-def test_updates_preserve_every_layers_count(grow: str, explore: str) -> None:
+def test_updates_preserve_every_layers_count(grow: str, explore: str, mode: str) -> None:
     steps = 10
     h = Harness(
-        method="stu", explore=explore, grow_g=grow, grow_d=grow, update_every=1, update_end=1.0, total_steps=2 * steps
+        method="stu",
+        explore=explore,
+        grow_g=grow,
+        grow_d=grow,
+        update_every=1,
+        update_end=1.0,
+        total_steps=2 * steps,
+        optimizer_state=mode,
     )
     expected = {net: expected_counts(h, net) for net in NETS}
     initial = h.mask_tree()
@@ -351,7 +380,9 @@ def test_updates_preserve_every_layers_count(grow: str, explore: str) -> None:
 
 def test_updates_stop_after_update_end() -> None:
     total, update_end = 12, 0.5  # updates at steps 2, 4, 6 (the last with drop fraction 0), none after
-    h = Harness(method="stu", explore="GD", update_every=2, update_end=update_end, total_steps=total)
+    h = Harness(
+        method="stu", explore="GD", update_every=2, update_end=update_end, total_steps=total, drop_fraction_min=0.0
+    )
     changed_at = []
     for _ in range(total):
         record = h.train_step()
@@ -364,9 +395,16 @@ def test_updates_stop_after_update_end() -> None:
         assert_counts(h, net, expected_counts(h, net))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
-def test_inactive_weights_and_moments_stay_zero_and_updates_start_grown_weights_at_zero(grow: str) -> None:
-    h = Harness(method="stu", explore="GD", grow_g=grow, grow_d=grow, update_every=2, total_steps=10)
+def test_inactive_weights_stay_zero_and_updates_start_grown_weights_at_zero_with_the_modes_moments(
+    grow: str, mode: str
+) -> None:
+    """Inactive weights are zero after every step and grown ones start at zero. Moments: masked mode keeps those of
+    inactive weights at zero and seeds grown ones; dense mode (the authors') never touches Adam's state."""
+    h = Harness(
+        method="stu", explore="GD", grow_g=grow, grow_d=grow, update_every=2, total_steps=10, optimizer_state=mode
+    )
     for _ in range(7):
         record = h.train_step()
         assert_inactive_zero(h, f"step {record.step}")
@@ -386,14 +424,43 @@ def test_inactive_weights_and_moments_stay_zero_and_updates_start_grown_weights_
                 # Weights kept across the update are untouched.
                 kept = old & new
                 assert torch.equal(w[kept], record.weights[net][layer.name][kept])
-                for key in ("exp_avg", "exp_avg_sq"):
-                    assert torch.all(state[layer.param][key][grown | dropped] == 0), f"{net}.{layer.name} {key}"
+                before = record.moments[net][layer.name]
+                if mode == "dense":
+                    # The authors': Adam's state is never touched, so a grown weight keeps its warm moments.
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        assert torch.equal(state[layer.param][key], before[key]), f"{net}.{layer.name} {key}"
+                    continue
+                assert torch.all(state[layer.param]["exp_avg"][grown | dropped] == 0), f"{net}.{layer.name}"
+                v = state[layer.param]["exp_avg_sq"]
+                assert torch.all(v[dropped] == 0), f"{net}.{layer.name}: dropped exp_avg_sq"
+                assert torch.equal(v[kept], before["exp_avg_sq"][kept]), f"{net}.{layer.name}: kept exp_avg_sq"
+                # Grown: seeded with the mean second moment of the weights kept active, whatever the growth mode.
+                expected = before["exp_avg_sq"][kept].mean().expand(int(grown.sum()))
+                torch.testing.assert_close(v[grown], expected, rtol=1e-6, atol=0, msg=f"{net}.{layer.name}")
+                assert bool(grown.any()) <= bool(torch.all(v[grown] > 0)), f"{net}.{layer.name}: grown v is zero"
         # The dropped weights were live and non-zero before: the zeroing above is the update's doing.
         assert any(
             torch.any(record.weights[net][layer.name][record.masks[net][layer.name] & ~layer.mask] != 0)
             for net in NETS
             for layer in h.masks.layers[net]
         )
+
+
+def test_masked_mode_without_seeding_zeroes_grown_moments() -> None:
+    """The behaviour before the fix (``grown_moments = "zero"``, kept for the benchmark): every slot of a changed
+    weight cleared, so a grown weight's second moment starts at zero."""
+    h = Harness(method="stu", explore="G", update_every=2, total_steps=10, optimizer_state="masked")
+    h.masks.grown_moments = "zero"
+    for _ in range(2):
+        record = h.train_step()
+    assert record.metrics
+    grew = 0
+    for layer in h.masks.layers["G"]:
+        grown = layer.mask & ~record.masks["G"][layer.name]
+        grew += int(grown.sum())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert not h.opt["G"].state[layer.param][key][grown].any(), f"G.{layer.name} {key}"
+    assert grew > 0, "nothing grew: the test shows nothing"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -804,9 +871,9 @@ def _split_equals_straight(
     return a
 
 
-@pytest.mark.parametrize("grow_g", ["gradient", "momentum"])
+@pytest.mark.parametrize(("grow_g", "mode"), [("gradient", "dense"), ("momentum", "dense"), ("gradient", "masked")])
 def test_tiny_stu_run_killed_and_resumed_equals_uninterrupted(
-    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grow_g: str, assert_trees_equal
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grow_g: str, mode: str, assert_trees_equal
 ) -> None:
     def make(run_dir: Path) -> Config:
         return tiny_config(
@@ -821,6 +888,7 @@ def test_tiny_stu_run_killed_and_resumed_equals_uninterrupted(
             sparse__grow_g=grow_g,
             sparse__update_every=2,
             sparse__update_end=1.0,  # updates at 2, 4, 6 (and a no-op at 8): one after the resume at 4
+            sparse__optimizer_state=mode,
         )
 
     _split_equals_straight(make, tmp_path, monkeypatch, 8, assert_trees_equal)
@@ -849,7 +917,7 @@ def test_default_config_sparse_run_resumed_halfway_ends_with_the_same_masks_and_
     final = _split_equals_straight(make, tmp_path, monkeypatch, 10, assert_trees_equal)
     G, D = build_models(make(tmp_path / "x"))
     for net, module in (("G", G), ("D", D)):
-        masked = masked_parameters(module, "conv_linear")
+        masked = masked_parameters(module, make(tmp_path / "x").sparse.targets)  # the default: conv weights only
         total = sum(p.numel() for _, p in masked)
         active = sum(int(final["masks"]["layers"][f"{net}.{name}"]["count"]) for name, _ in masked)
         assert abs(active - DENSITY[net] * total) <= len(masked)

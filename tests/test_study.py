@@ -53,7 +53,9 @@ def test_a_two_cell_grid_runs_end_to_end_in_parallel_and_resumes(tmp_path: Path,
     dense = json.loads((cells["dense"] / "result.json").read_text())
     stu = json.loads((cells["stu"] / "result.json").read_text())
     assert dense["train_flops_vs_dense"] == pytest.approx(1.0)
-    assert 0 < stu["train_flops_vs_dense"] < 0.6  # G at 0.3 and D at 0.5 of the dense weights
+    # G at 0.3 and D at 0.5 of the dense weights; the authors' dense optimizer state computes every weight gradient
+    # (a third of the dense cost), so the bound is 1/3 + 2/3 * 0.5 with D the larger share here.
+    assert 0 < stu["train_flops_vs_dense"] < 0.67
     report = (tmp_path / "docs" / "study.md").read_text()
     assert "| dense | 1 | 1 |" in report and "| STU-GAN | 0.3 | 0.5 |" in report
     assert (
@@ -97,7 +99,7 @@ def test_a_bad_grid_fails_in_one_line_before_any_cell_runs(tmp_path: Path, capsy
     assert main(["study", "--grid", str(grid_path)]) == 2
     assert "methods.stu must give sparse settings with a 'method' key" in capsys.readouterr().err
     assert main(["study", "--grid", str(tmp_path / "missing.yaml")]) == 2
-    assert "shipped grids: study.yaml" in capsys.readouterr().err
+    assert "shipped grids: gaussians_recipe.yaml, study.yaml" in capsys.readouterr().err
 
 
 def test_the_shipped_grid_has_the_issues_cells_and_shards_split_it() -> None:

@@ -22,8 +22,11 @@ def _last_state(run_dir: Path) -> dict:
     return checkpoint.load_checkpoint(path)
 
 
-def test_one_step_changes_g_d_and_ema_as_expected(tiny_config) -> None:
-    cfg = tiny_config(train__steps=1, train__d_steps=2, train__ema_start=0, train__ema_decay=0.9)
+@pytest.mark.parametrize("ema_buffers", ["average", "copy"])
+def test_one_step_changes_g_d_and_ema_as_expected(tiny_config, ema_buffers: str) -> None:
+    cfg = tiny_config(
+        train__steps=1, train__d_steps=2, train__ema_start=0, train__ema_decay=0.9, train__ema_buffers=ema_buffers
+    )
     G0, D0 = build_models(cfg)
     train(cfg)
     state = _last_state(Path(cfg.run_dir))
@@ -40,12 +43,19 @@ def test_one_step_changes_g_d_and_ema_as_expected(tiny_config) -> None:
     assert all(s["step"] == 2 for s in state["opt_d"]["state"].values())
     assert all(s["step"] == 1 for s in state["opt_g"]["state"].values())
 
-    # EMA started at G's initial weights and took one step of decay 0.9 towards the new G; buffers are copied.
+    # EMA started at G's initial weights and took one step of decay 0.9 towards the new G; buffers are copied, or
+    # averaged the same way (BigGAN-PyTorch's and the authors' EMA), all but BN's integer counts.
     for name, p0 in G0.named_parameters():
         expected = p0.detach().clone().lerp_(state["G"][name], 0.1)
         assert torch.equal(state["ema"][name], expected), name
-    for name, _ in G0.named_buffers():
-        assert torch.equal(state["ema"][name], state["G"][name]), name
+    averaged = 0
+    for name, b0 in G0.named_buffers():
+        if ema_buffers == "copy" or not b0.is_floating_point():
+            assert torch.equal(state["ema"][name], state["G"][name]), name
+        else:
+            assert torch.equal(state["ema"][name], b0.clone().lerp_(state["G"][name], 0.1)), name
+            averaged += not torch.equal(state["ema"][name], state["G"][name])
+    assert averaged > 0 or ema_buffers == "copy", "no buffer changed in the step: the test shows nothing"
 
 
 def test_ema_copies_g_before_its_start(tiny_config, assert_trees_equal) -> None:
@@ -127,6 +137,23 @@ def test_resume_with_another_model_is_refused(tiny_config) -> None:
     train(tiny_config(train__steps=1))
     with pytest.raises(ConfigError, match=r"model\.g_ch: 4 in the checkpoint, 8 now\); use a new run_dir"):
         train(tiny_config(train__steps=2, model__g_ch=8))
+
+
+def test_a_checkpoint_from_before_optimizer_state_resumes_only_in_masked_mode(tiny_config) -> None:
+    """A checkpoint written before ``sparse.optimizer_state`` existed was trained in what is now masked mode: its
+    config lacks the key, which reads as "masked", not as today's default."""
+    from sgtrain.checkpoint import load_checkpoint, save_checkpoint
+
+    sparse = {"sparse__method": "stu", "sparse__density_g": 0.5, "sparse__density_d": 0.5}
+    run_dir = train(tiny_config(train__steps=1, sparse__optimizer_state="masked", **sparse))
+    state = load_checkpoint(checkpoint.list_checkpoints(run_dir)[-1])
+    for section, key in (("sparse", "optimizer_state"), ("sparse", "drop_fraction_min"), ("train", "ema_buffers")):
+        del state["config"][section][key]  # as an older sgtrain wrote it
+    save_checkpoint(run_dir, int(state["step"]), state, keep=1)
+    with pytest.raises(ConfigError, match=r"sparse\.optimizer_state: 'masked' in the checkpoint, 'dense' now"):
+        train(tiny_config(train__steps=2, **sparse))
+    train(tiny_config(train__steps=2, sparse__optimizer_state="masked", **sparse))  # resumes
+    assert checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[-1])["step"] == 2
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_config) -> None:

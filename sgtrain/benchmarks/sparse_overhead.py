@@ -123,7 +123,7 @@ def build_run(cfg: Config, device: torch.device | str = "cpu") -> Run:
     t = cfg.train
     G, D, opt_g, opt_d, masks = build_training(cfg, device)
     masks.initialize()
-    ema = EMA(G, decay=t.ema_decay, start=t.ema_start)
+    ema = EMA(G, decay=t.ema_decay, start=t.ema_start, buffers=t.ema_buffers)
     # Fixed, seeded images: dense and sparse runs see the same "data".
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     side, batch = cfg.model.resolution, t.batch_size
@@ -132,16 +132,17 @@ def build_run(cfg: Config, device: torch.device | str = "cpu") -> Run:
     return Run(cfg, G, D, opt_g, opt_d, masks, ema, real.to(device), y_real.to(device))
 
 
-def train_iteration(run: Run) -> None:
+def train_iteration(run: Run, *, on_schedule: bool = False) -> dict[str, float]:
     """One G iteration: ``d_steps`` D steps, one G step, EMA, ``maybe_update``; the same sections as ``train.py``.
 
     Single process, no accumulation and no autocast, so ``G_ddp`` is ``G`` and ``no_sync`` is a no-op. The step is
-    advanced past update steps: this measures the steady state between topology updates.
+    advanced past update steps, to measure the steady state between topology updates; ``on_schedule`` takes the
+    next step as it comes, update or not. Returns ``maybe_update``'s metrics.
     """
     cfg, G, D, masks = run.cfg, run.G, run.D, run.masks
     t, micro = cfg.train, cfg.train.batch_size
     step = run.step + 1
-    while masks.schedule.is_update_step(step):
+    while not on_schedule and masks.schedule.is_update_step(step):
         step += 1
     rng = step_generator(cfg.seed, step)  # the same latents for the dense and the sparse run at this step
 
@@ -179,10 +180,12 @@ def train_iteration(run: Run) -> None:
     run.ema.update(G, step)
     masks.after_ema(run.ema.module)
 
-    # Topology update: never due here (see above), but the call is part of every iteration.
-    if masks.maybe_update(step):
+    # Topology update: never due here unless on_schedule (see above), but the call is part of every iteration.
+    metrics = masks.maybe_update(step)
+    if metrics and not on_schedule:
         raise RuntimeError(f"step {step} ran a topology update; this benchmark times the steps between them")
     run.step = step
+    return metrics
 
 
 def check_same_init(a: Config, b: Config) -> None:
@@ -277,7 +280,9 @@ def naive_mask_weights(module: nn.Module, masks: dict[str, torch.Tensor]) -> Non
 
 
 def bench_enforcement(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config("cifar10.yaml", {"train.batch_size": args.batch, "train.d_steps": args.d_steps})
+    # Masked mode: gradients and weights are both masked (the authors' dense mode masks the weights only: half this).
+    overrides = {"train.batch_size": args.batch, "train.d_steps": args.d_steps, "sparse.optimizer_state": "masked"}
+    cfg = load_config("cifar10.yaml", overrides)
     run = build_run(cfg)
     masks, modules = run.masks, {"G": run.G, "D": run.D}
     if masks.schedule.is_update_step(masks.step + 1):

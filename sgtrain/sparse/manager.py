@@ -43,7 +43,11 @@ from sgtrain.sparse.topology import (
 NETWORKS = ("G", "D")
 GRAD_MOMENTUM = 0.9  # momentum growth keeps its own EMA of dense gradients (Dettmers & Zettlemoyer 2019, beta 0.9)
 
-__all__ = ["MaskDivergenceError", "MaskManager", "masked_parameters"]
+__all__ = ["MaskDivergenceError", "MaskManager", "StateEdit", "masked_parameters", "seed_second_moment"]
+
+# Edits one tensor of a weight's state, given whole: ``edit(key, tensor) -> new tensor`` for the key "param" (the
+# weight, or an engine's fp32 master copy of it) and every per-element optimizer slot ("exp_avg", "exp_avg_sq", ...).
+StateEdit = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def masked_parameters(module: nn.Module, targets: str) -> list[tuple[str, nn.Parameter]]:
@@ -118,9 +122,18 @@ class MaskManager:
         self.comm: Comm = comm if comm is not None else LocalComm()
         self.local_scores = local_scores
         self.sharded = sharded
-        self.hooked = False  # gradients masked in autograd hooks (attach_to_engine) rather than in before_step
-        # Clears param and its optimizer slots at positions that leave or enter the topology.
-        self.zero_state: Callable[[str, nn.Parameter, torch.Tensor], None] = self._zero_torch_optimizer_state
+        self.hooked = False  # gradients read in autograd hooks (attach_to_engine) rather than in before_step
+        # "dense": Adam steps every weight on its full gradient and inactive weights are re-masked after each step
+        # (the authors'); "masked": gradients of inactive weights are zeroed too, so their moments stay zero.
+        self.masked_gradients = cfg.optimizer_state == "masked"
+        # How a grown weight's second moment starts in masked mode: "seeded" (see seed_second_moment) or "zero",
+        # the behaviour before it was fixed, kept only so the benchmark can show what it did.
+        self.grown_moments = "seeded"
+        # Applies ``edit`` to a weight's optimizer state (and an engine's master copy): ``(net, param, edit)``.
+        # Under an engine a collective, called by every rank for the same weights in the same order.
+        self.edit_state: Callable[[str, nn.Parameter, StateEdit], None] = self._edit_torch_state
+        # Under an engine in dense mode: re-masks the fp32 master copies of these layers (a local operation).
+        self.mask_master: Callable[[str, list[Layer]], None] | None = None
         self.step = 0  # completed G steps
         self.snip_pending = {net: cfg.method == "snip" for net in NETWORKS}
         self.last_change: dict[str, float] = {}
@@ -130,6 +143,7 @@ class MaskManager:
             update_end=cfg.update_end,
             drop_fraction=cfg.drop_fraction,
             total_steps=total_steps,
+            drop_fraction_min=cfg.drop_fraction_min,
         )
         self.explores = {
             "G": cfg.method == "stu" and cfg.explore in ("G", "GD"),
@@ -214,10 +228,11 @@ class MaskManager:
 
     @torch.no_grad()
     def before_step(self, net: str) -> None:
-        """Between backward and ``opt.step()``: read dense gradients for grow scores, then mask the gradients.
+        """Between backward and ``opt.step()``: read dense gradients for grow scores, then, in masked mode, mask the
+        gradients (in dense mode Adam sees them whole, as in the authors' code).
 
-        Attached to an engine (:meth:`attach_to_engine`), the hooks have masked the gradients already and kept the
-        dense ones of this step for the scores; what is left is to take those into the scores.
+        Attached to an engine (:meth:`attach_to_engine`), the hooks have kept the dense gradients of this step for
+        the scores (and, in masked mode, masked the engine's); what is left is to take those into the scores.
         """
         layers = self.layers[net]
         if not layers:
@@ -229,7 +244,7 @@ class MaskManager:
             layer.pending = None
             if grad is not None and self._wants_gradient(layer):
                 self._take_score(layer, grad)
-        if not self.hooked:
+        if self.masked_gradients and not self.hooked:
             with_grad = [layer for layer in layers if layer.param.grad is not None]
             if with_grad:
                 torch._foreach_mul_([layer.param.grad for layer in with_grad], [layer.fmask for layer in with_grad])
@@ -252,15 +267,22 @@ class MaskManager:
                 layer.score = torch.zeros_like(layer.param)
             layer.score.mul_(GRAD_MOMENTUM).add_(grad, alpha=1 - GRAD_MOMENTUM)
 
-    def attach_to_engine(self, zero_state: Callable[[str, nn.Parameter, torch.Tensor], None]) -> None:
+    def attach_to_engine(
+        self,
+        edit_state: Callable[[str, nn.Parameter, StateEdit], None],
+        mask_master: Callable[[str, list[Layer]], None],
+    ) -> None:
         """Work with an engine that consumes gradients during backward and owns the optimizer state (DeepSpeed
         ZeRO-1/2): by the time ``before_step`` runs, the gradients are reduced, partitioned and applied.
 
-        Gradients are then masked in autograd hooks, as each accumulation round produces them and before the engine
-        sees them; the dense gradients of a step are summed there for the grow scores, which are this rank's own and
-        so are summed across ranks at an update (``local_scores``). Topology changes clear optimizer state through
-        ``zero_state(net, param, where)``, a collective that every rank calls for the same weights in the same order.
-        Call before the engine is built. SNIP reads whole gradients at its first step and is not supported here.
+        Gradients are then read (and, in masked mode, masked) in autograd hooks, as each accumulation round produces
+        them and before the engine sees them; the dense gradients of a step are summed there for the grow scores,
+        which are this rank's own and so are summed across ranks at an update (``local_scores``). Topology changes
+        edit optimizer state through ``edit_state(net, param, edit)``, a collective that every rank calls for the
+        same weights in the same order. In dense mode the engine's fp32 master copies are re-masked after every
+        step by ``mask_master(net, layers)`` (the engine copies its masters back into the weights, so re-masking the
+        weights alone would let inactive weights return). Call before the engine is built. SNIP reads whole
+        gradients at its first step and is not supported here.
         """
         if self.cfg.method == "snip":
             raise ConfigError("sparse.method=snip is not supported under DeepSpeed yet (it reads whole gradients)")
@@ -270,21 +292,25 @@ class MaskManager:
             raise ConfigError("sparse.grow_g/grow_d=momentum is not supported under DeepSpeed yet; use gradient")
         self.hooked = True
         self.local_scores = True
-        self.zero_state = zero_state
+        self.edit_state = edit_state
+        self.mask_master = mask_master
         for layer in self._all_layers():
             layer.param.register_hook(functools.partial(self._gradient_hook, layer))
 
     def _gradient_hook(self, layer: Layer, grad: torch.Tensor) -> torch.Tensor:
         if self._wants_gradient(layer):
             layer.pending = grad.detach().clone() if layer.pending is None else layer.pending + grad.detach()
-        return grad * layer.fmask
+        return grad * layer.fmask if self.masked_gradients else grad
 
     @torch.no_grad()
     def after_step(self, net: str) -> None:
-        """After ``opt.step()``: re-mask the weights (the optimizer's epsilon and any weight decay must not leak)."""
+        """After ``opt.step()``: re-mask the weights (in dense mode Adam moved inactive weights; in masked mode the
+        optimizer's epsilon and any weight decay must not leak), and an engine's master copies in dense mode."""
         layers = self.layers[net]
         if layers:
             torch._foreach_mul_([layer.param for layer in layers], [layer.fmask for layer in layers])
+            if self.mask_master is not None and not self.masked_gradients:
+                self.mask_master(net, layers)
 
     @torch.no_grad()
     def after_ema(self, ema_generator: nn.Module) -> None:
@@ -354,18 +380,49 @@ class MaskManager:
         for layer, new_mask in zip(layers, self._owners_compute(layers, select), strict=True):
             grown = new_mask & ~layer.mask
             changed = grown | (layer.mask & ~new_mask)
-            # Dropped weights leave, grown weights enter at zero, and every optimizer slot of both is cleared, so
-            # Adam's moments of a grown weight start from nothing (not from stale values of an earlier life).
+            # Dropped weights leave and grown weights enter at zero (in dense mode both are zero already, but a
+            # dropped one is not). In dense mode Adam's moments are left as they are: a grown weight's are warm, as
+            # in the authors' code. In masked mode the slots of both are cleared, and a grown weight's second moment
+            # is seeded, so that its first steps are of the size Adam gives a warm weight.
             layer.param.masked_fill_(changed, 0.0)
             self._drop_from_ema(layer, changed)
-            self.zero_state(net, layer.param, changed)
+            if self.masked_gradients:
+                self._reset_state(layer, changed, grown, kept=new_mask & layer.mask)
             layer.mask = new_mask
             layer.union |= new_mask
             if mode == "gradient":
                 layer.score = None
             swapped += int(grown.sum())
             active += layer.count
+        if self.mask_master is not None and not self.masked_gradients:
+            self.mask_master(net, layers)
         self.last_change[net] = swapped / max(active, 1)
+
+    def _reset_state(
+        self,
+        layer: Layer,
+        changed: torch.Tensor,
+        grown: torch.Tensor | None = None,
+        *,
+        kept: torch.Tensor | None = None,
+    ) -> None:
+        """Masked mode: clear every optimizer slot (and an engine's master copy) of ``layer`` at ``changed``; seed
+        the second moment at ``grown`` (see :func:`seed_second_moment`) unless ``grown_moments`` is "zero"."""
+        if not bool(changed.any()):
+            return  # the same answer on every rank (identical masks), so skipping a collective edit is safe
+        seed = grown is not None and kept is not None and self.grown_moments == "seeded"
+
+        def edit(key: str, value: torch.Tensor) -> torch.Tensor:
+            value = value.masked_fill(changed.to(value.device), 0.0)
+            if key == "exp_avg_sq" and seed:
+                value = seed_second_moment(
+                    value,
+                    grown=grown.to(value.device),  # type: ignore[union-attr]
+                    kept=kept.to(value.device),  # type: ignore[union-attr]
+                )
+            return value
+
+        self.edit_state(layer.net, layer.param, edit)
 
     def _reduced_scores(self, layers: list[Layer]) -> dict[int, torch.Tensor]:
         """Grow scores by layer index, summed over ranks where they are local, on the ranks that select with them.
@@ -418,8 +475,12 @@ class MaskManager:
                     new[layer.index] = unpack_mask(part, layer.param.shape).to(layer.param.device)
         return [new[layer.index] for layer in layers]
 
-    def _zero_torch_optimizer_state(self, net: str, param: nn.Parameter, where: torch.Tensor) -> None:
-        _zero_optimizer_state(self.optimizers[net], param, where)
+    def _edit_torch_state(self, net: str, param: nn.Parameter, edit: StateEdit) -> None:
+        """``edit`` every per-element slot of ``param`` in the torch optimizer (Adam's exp_avg and exp_avg_sq,
+        momentum); there is no master copy, and the manager edits the weight itself."""
+        for key, value in self.optimizers[net].state.get(param, {}).items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value.copy_(edit(key, value))
 
     def _drop_from_ema(self, layer: Layer, removed: torch.Tensor) -> None:
         """Removed G weights leave the EMA at once, so a sample or checkpoint taken right after an update already
@@ -454,10 +515,13 @@ class MaskManager:
             pruned = layer.mask & ~new_mask
             layer.param.masked_fill_(pruned, 0.0)
             self._drop_from_ema(layer, pruned)
-            self.zero_state(net, layer.param, pruned)
+            if self.masked_gradients:
+                self._reset_state(layer, pruned)
             removed += int(pruned.sum())
             before += layer.count
             layer.mask, layer.count = new_mask, int(new_mask.sum())
+        if self.mask_master is not None and not self.masked_gradients:
+            self.mask_master(net, layers)
         self.last_change[net] = removed / max(before, 1)
 
     def _snip(self, net: str) -> None:
@@ -578,8 +642,19 @@ def _top_magnitude(param: torch.Tensor, allowed: torch.Tensor, count: int) -> to
     return mask.reshape(param.shape)
 
 
-def _zero_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, where: torch.Tensor) -> None:
-    """Zero every per-element optimizer slot of ``param`` at ``where`` (Adam's exp_avg and exp_avg_sq, momentum)."""
-    for value in optimizer.state.get(param, {}).values():
-        if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            value.masked_fill_(where, 0.0)
+def seed_second_moment(exp_avg_sq: torch.Tensor, *, grown: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``exp_avg_sq`` with its ``grown`` entries set to the mean of its ``kept`` entries (bool masks, all of the
+    weight's shape): masked mode's second moment of a weight that just grew.
+
+    A grown weight has had zero gradients, so its Adam second moment v is 0 while the step count t runs on; its
+    first update is then ``lr * g / sqrt((1 - b2) g^2 / (1 - b2^t))``, about ``lr / sqrt(1 - b2)`` = 31.6 lr late in
+    a run with b2 = 0.999, and v takes ~1/(1 - b2) steps to settle. The mean v of the layer's weights that stay
+    active is a warm estimate of the layer's squared gradient, already in the bias of Adam's clock (no correction
+    to apply), and needs no gradient, so it serves every growth mode and every engine alike. Measured on the
+    CIFAR-10 G after a short warm-up with Adam's clock moved to step 60,000 (``python -m sgtrain bench --suite
+    grown``), it gives grown weights the first-step distribution of the authors' dense mode. The alternative, the
+    grown weight's own squared gradient at the update, gave steps ~0.7x too small under gradient growth: the weights
+    it picks have unusually large gradients at that step, which regress at the next.
+    """
+    mean = exp_avg_sq[kept].mean() if bool(kept.any()) else exp_avg_sq.new_zeros(())
+    return torch.where(grown, mean, exp_avg_sq)

@@ -17,6 +17,7 @@ class UpdateSchedule:
     update_end: float  # fraction of training after which the topology is frozen (RigL's T_end / T), in (0, 1]
     drop_fraction: float  # initial drop fraction alpha, in [0, 1)
     total_steps: int  # total generator steps of the run
+    drop_fraction_min: float = 0.0  # the cosine's floor at update_end (the STU-GAN authors: 0.005; RigL: 0)
 
     def __post_init__(self) -> None:
         if self.update_every < 1:
@@ -25,6 +26,8 @@ class UpdateSchedule:
             raise ValueError(f"update_end must be in (0, 1], got {self.update_end}")
         if not 0.0 <= self.drop_fraction < 1.0:
             raise ValueError(f"drop_fraction must be in [0, 1), got {self.drop_fraction}")
+        if not 0.0 <= self.drop_fraction_min <= self.drop_fraction:
+            raise ValueError(f"drop_fraction_min must be in [0, drop_fraction], got {self.drop_fraction_min}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
 
@@ -41,12 +44,15 @@ class UpdateSchedule:
         return step > 0 and step % self.update_every == 0 and step <= self.end_step
 
     def drop_fraction_at(self, step: int) -> float:
-        """Cosine-decayed drop fraction (RigL, Evci et al. 2020, Eq. 1): ``alpha/2 * (1 + cos(pi * t / T_end))``.
+        """Cosine-decayed drop fraction: ``min + (alpha - min)/2 * (1 + cos(pi * t / T_end))``.
 
-        ``step`` is clamped to ``[0, T_end]``: past the end the cosine would climb back up, but no update runs there.
+        RigL's Eq. 1 (Evci et al. 2020) with a floor ``min``: the STU-GAN authors decay with PyTorch's
+        ``CosineAnnealingLR(T_max=all G steps, eta_min=0.005)``, whose closed form this is. ``step`` is clamped to
+        ``[0, T_end]``: past the end the cosine would climb back up, but no update runs there.
         """
         t = min(max(step, 0), self.end_step)
-        return self.drop_fraction / 2 * (1 + math.cos(math.pi * t / self.end_step))
+        span = self.drop_fraction - self.drop_fraction_min
+        return self.drop_fraction_min + span / 2 * (1 + math.cos(math.pi * t / self.end_step))
 
     def update_index(self, step: int) -> int:
         """Index of the update at ``step`` (``step // update_every``), one of the integers seeding its RNG."""
