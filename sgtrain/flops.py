@@ -165,6 +165,26 @@ def gan_iteration_flops(
     return {"d_steps": float(d_total), "g_step": float(g_total), "total": float(d_total + g_total)}
 
 
+def layers_iteration_flops(
+    g_layers: Mapping[str, float],
+    d_layers: Mapping[str, float],
+    g_densities: Mapping[str, float] | None,
+    d_densities: Mapping[str, float] | None,
+    *,
+    batch_size: int,
+    d_steps: int,
+    dense_weight_grads: bool = False,
+) -> float:
+    """:func:`gan_iteration_flops`'s total from per-layer forward FLOPs at the given layer densities (missing names
+    dense). ``dense_weight_grads``: every weight's gradient is computed (``sparse.optimizer_state: dense``, where
+    Adam steps inactive weights too), so the weight gradients cost the dense forward's worth."""
+    weight_grads = {}
+    if dense_weight_grads:
+        weight_grads = {"g_weight_grad": network_flops(g_layers), "d_weight_grad": network_flops(d_layers)}
+    g, d = network_flops(g_layers, g_densities), network_flops(d_layers, d_densities)
+    return gan_iteration_flops(g, d, batch_size=batch_size, d_steps=d_steps, **weight_grads)["total"]
+
+
 def _network_report(layers: Mapping[str, float], densities: Mapping[str, float] | None) -> dict[str, Any]:
     return {
         "inference_dense": network_flops(layers),
@@ -209,16 +229,12 @@ def flops_report(
     g = _network_report(layer_forward_flops(generator, z, y), g_densities)
     d = _network_report(layer_forward_flops(discriminator, images, y.to(images.device)), d_densities)
 
-    dense = gan_iteration_flops(g["inference_dense"], d["inference_dense"], batch_size=batch_size, d_steps=d_steps)
-    sparse = gan_iteration_flops(
-        g["inference_sparse"],
-        d["inference_sparse"],
-        batch_size=batch_size,
-        d_steps=d_steps,
-        g_weight_grad=g["inference_dense"] if dense_weight_grads else None,
-        d_weight_grad=d["inference_dense"] if dense_weight_grads else None,
+    sizes = {"batch_size": batch_size, "d_steps": d_steps}
+    dense = layers_iteration_flops(g["layers"], d["layers"], None, None, **sizes)
+    sparse = layers_iteration_flops(
+        g["layers"], d["layers"], g_densities, d_densities, **sizes, dense_weight_grads=dense_weight_grads
     )
-    train = {"dense": dense["total"], "sparse": sparse["total"], "sparse_fraction": sparse["total"] / dense["total"]}
+    train = {"dense": dense, "sparse": sparse, "sparse_fraction": sparse / dense}
     return {"G": g, "D": d, "train_iteration": train}
 
 

@@ -62,7 +62,7 @@ from sgtrain.checkpoint import write_atomic
 # The repo's dict -> dataclass builder: unknown keys fail naming the nearest valid key, values are checked and
 # gently converted, exactly as for the main training config.
 from sgtrain.config import ConfigError, SparseConfig, _build, _check
-from sgtrain.flops import dense_weight_gradients, gan_iteration_flops, layer_forward_flops, network_flops
+from sgtrain.flops import dense_weight_gradients, layer_forward_flops, layers_iteration_flops
 from sgtrain.sparse import MaskManager
 
 DATASETS = ("ring8", "grid25")
@@ -254,12 +254,15 @@ def train_networks(cfg: GaussiansConfig) -> Trained:
     d_layers = layer_forward_flops(D, torch.zeros(1, 2))
 
     def iteration_flops(g_densities: dict[str, float], d_densities: dict[str, float]) -> float:
-        g, d = network_flops(g_layers, g_densities), network_flops(d_layers, d_densities)
-        dense = dense_weight_gradients(cfg.sparse)  # Adam steps every weight: every weight's gradient is computed
-        weight_grads = {"g_weight_grad": network_flops(g_layers), "d_weight_grad": network_flops(d_layers)}
-        return gan_iteration_flops(g, d, batch_size=cfg.batch_size, d_steps=1, **(weight_grads if dense else {}))[
-            "total"
-        ]
+        return layers_iteration_flops(
+            g_layers,
+            d_layers,
+            g_densities,
+            d_densities,
+            batch_size=cfg.batch_size,
+            d_steps=1,
+            dense_weight_grads=dense_weight_gradients(cfg.sparse),
+        )
 
     dense_iteration = iteration_flops({}, {})
     train_flops = 0.0

@@ -27,7 +27,7 @@ from sgtrain.data.shards import bundled_shards
 from sgtrain.data.stream import ShardLoader, resolve_shards
 from sgtrain.dist import Dist, Network
 from sgtrain.ema import EMA
-from sgtrain.flops import dense_weight_gradients, flops_report, gan_iteration_flops, network_flops
+from sgtrain.flops import dense_weight_gradients, flops_report, layers_iteration_flops
 from sgtrain.images import save_grid
 from sgtrain.losses import d_hinge, g_hinge
 from sgtrain.models import Discriminator, Generator
@@ -109,17 +109,15 @@ def _iteration_flops(
     cfg: Config, report: dict[str, Any], g_densities: dict[str, float], d_densities: dict[str, float]
 ) -> float:
     """Training FLOPs of one G iteration (with its D steps) at the given layer densities (sgtrain.flops conventions)."""
-    g = network_flops(report["G"]["layers"], g_densities)
-    d = network_flops(report["D"]["layers"], d_densities)
-    weight_grads = {}
-    if dense_weight_gradients(cfg.sparse):  # Adam steps every weight: every weight's gradient is computed
-        weight_grads = {
-            "g_weight_grad": report["G"]["inference_dense"],
-            "d_weight_grad": report["D"]["inference_dense"],
-        }
-    return gan_iteration_flops(g, d, batch_size=cfg.train.batch_size, d_steps=cfg.train.d_steps, **weight_grads)[
-        "total"
-    ]
+    return layers_iteration_flops(
+        report["G"]["layers"],
+        report["D"]["layers"],
+        g_densities,
+        d_densities,
+        batch_size=cfg.train.batch_size,
+        d_steps=cfg.train.d_steps,
+        dense_weight_grads=dense_weight_gradients(cfg.sparse),
+    )
 
 
 def _nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -309,8 +309,12 @@ class MaskManager:
         layers = self.layers[net]
         if layers:
             torch._foreach_mul_([layer.param for layer in layers], [layer.fmask for layer in layers])
-            if self.mask_master is not None and not self.masked_gradients:
-                self.mask_master(net, layers)
+            self._mask_masters(net, layers)
+
+    def _mask_masters(self, net: str, layers: list[Layer]) -> None:
+        """Dense mode under an engine: re-mask its fp32 master copies of ``layers`` (masked mode keeps them zero)."""
+        if self.mask_master is not None and not self.masked_gradients:
+            self.mask_master(net, layers)
 
     @torch.no_grad()
     def after_ema(self, ema_generator: nn.Module) -> None:
@@ -394,8 +398,7 @@ class MaskManager:
                 layer.score = None
             swapped += int(grown.sum())
             active += layer.count
-        if self.mask_master is not None and not self.masked_gradients:
-            self.mask_master(net, layers)
+        self._mask_masters(net, layers)
         self.last_change[net] = swapped / max(active, 1)
 
     def _reset_state(
@@ -520,8 +523,7 @@ class MaskManager:
             removed += int(pruned.sum())
             before += layer.count
             layer.mask, layer.count = new_mask, int(new_mask.sum())
-        if self.mask_master is not None and not self.masked_gradients:
-            self.mask_master(net, layers)
+        self._mask_masters(net, layers)
         self.last_change[net] = removed / max(before, 1)
 
     def _snip(self, net: str) -> None:
