@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
-from sgtrain import gaussians
 from sgtrain.config import ConfigError
-from sgtrain.gaussians import (
+from sgtrain.sparse.distribution import active_counts, layer_densities
+from sgtrain.study import gaussians
+from sgtrain.study.gaussians import (
     gaussians_config,
     mode_centers,
     mode_metrics,
@@ -23,7 +24,6 @@ from sgtrain.gaussians import (
     sample_real,
     train_gaussians,
 )
-from sgtrain.sparse.distribution import active_counts, layer_densities
 
 # A tiny cell: G 2 -> 32 -> 32 -> 2 and D 2 -> 32 -> 32 -> 1, so a run takes well under a second.
 TINY: dict[str, Any] = {

@@ -33,7 +33,7 @@ ring8 and most of grid25's, briefly tuned on seeds 0-2.
 
 Usage::
 
-    from sgtrain.gaussians import gaussians_config, train_gaussians
+    from sgtrain.study.gaussians import gaussians_config, train_gaussians
     cfg = gaussians_config({"dataset": "grid25", "sparse": {"method": "stu", "density_g": 0.1}})
     result = train_gaussians(cfg, Path("runs/gaussians/grid25-stu-0.1-seed0"))
 """

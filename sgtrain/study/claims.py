@@ -1,0 +1,212 @@
+"""The paper's claims at the study's scale, each judged from the numbers by one function.
+
+A claim function takes the grid and its aggregated rows and returns the claim's ``(claim, verdict, evidence)``, or
+None where the grid has no cells to test it; :func:`claims` asks each in the order the report lists them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from sgtrain.study.grid import Grid
+from sgtrain.study.stats import Comparison, Rows, compare
+
+Verdict = tuple[str, str, str]  # (claim, verdict, evidence)
+Settings = dict[tuple[float, float], tuple[str, dict[str, Any]]]  # (G density, D density) -> (method, its stats)
+
+
+def _by_method(grid: Grid, rows: Rows, bench: str, kind: str) -> Settings:
+    """(G density, D density) -> (method name, stats) of the grid's method of sparse.method ``kind``: the first one
+    the grid lists, when it has variants (e.g. stu with explore G and with GD)."""
+    names = [m for m, s in grid.methods.items() if s["method"] == kind][:1]
+    return {(k[2], k[3]): (k[1], v) for k, v in rows.items() if k[0] == bench and k[1] in names}
+
+
+def _tally(stu: Settings, other: Settings, name: str) -> tuple[str, str]:
+    """(verdict, evidence) of STU-GAN's FD against another method's over the settings both have."""
+    shared = sorted(set(stu) & set(other))
+    if not shared:
+        return "not tested", f"the grid has no {name} cells at STU-GAN's densities"
+    outcomes = [compare(stu[k][1]["fid"], other[k][1]["fid"], lower_is_better=True) for k in shared]
+    better = sum(o.gain > 0 for o in outcomes)
+    clear = sum(o.verdict == "better" for o in outcomes)
+    worse = sum(o.verdict == "worse" for o in outcomes)
+    detail = "; ".join(
+        f"G {g:g}/D {d:g}: {stu[(g, d)][1]['fid'].mean:.0f} vs {other[(g, d)][1]['fid'].mean:.0f}" for g, d in shared
+    )
+    evidence = (
+        f"STU-GAN's mean FD is lower than {name}'s in {better} of {len(shared)} settings ({clear} by more than "
+        f"two standard errors; {worse} worse by more than two). FD, STU-GAN vs {name}: {detail}."
+    )
+    if better * 2 > len(shared) and worse == 0:
+        # Better on average, but where no single setting clears the noise the evidence is weak: say so.
+        return ("held" if clear else "held on average, within seed noise"), evidence
+    if better * 2 > len(shared):
+        return "partly held", evidence
+    return "did not hold", evidence
+
+
+def sparse_matches_dense(grid: Grid, rows: Rows) -> Verdict | None:
+    """A sparse G with a sparse D, trained sparse from scratch, matches or beats dense training."""
+    stu = _by_method(grid, rows, "digits", "stu")
+    dense = next(iter(_by_method(grid, rows, "digits", "dense").values()), None)
+    if dense is None or not stu:
+        return None
+    d_stats = dense[1]["fid"]
+    # The paper's setting (80%-sparse G, 70%-sparse D) where the grid has it.
+    target = (0.2, 0.3) if (0.2, 0.3) in stu else min(stu)
+    outcome = compare(stu[target][1]["fid"], d_stats, lower_is_better=True)
+    best = min(stu, key=lambda k: stu[k][1]["fid"].mean)
+    verdict = {
+        "better": "held (beat dense)",
+        "within noise": (
+            "held (matched dense within seed noise)"
+            if outcome.gain >= 0
+            else "inconclusive (worse on average, within seed noise)"
+        ),
+        "no spread": "inconclusive (one seed)",
+    }.get(outcome.verdict, "did not hold")
+    return (
+        f"A sparse G (density {target[0]:g}) with a sparse D (density {target[1]:g}), trained sparse "
+        "from scratch, matches or beats dense BigGAN (the paper: 80%-sparse G, 70%-sparse D).",
+        verdict,
+        f"FD {stu[target][1]['fid'].text()} (STU-GAN, G {target[0]:g}/D {target[1]:g}) vs "
+        f"{d_stats.text()} (dense); STU-GAN's best setting, G {best[0]:g}/D {best[1]:g}, reaches "
+        f"{stu[best][1]['fid'].text()}. Sparse training costs "
+        f"{stu[target][1]['train_flops_vs_dense'].mean:.2f} of dense training's FLOPs there.",
+    )
+
+
+def exploration_beats_static(grid: Grid, rows: Rows) -> Verdict | None:
+    """STU-GAN's dynamic exploration of G beats static sparse training at the same densities."""
+    stu = _by_method(grid, rows, "digits", "stu")
+    static = _by_method(grid, rows, "digits", "static")
+    if not static or not stu:
+        return None
+    verdict, evidence = _tally(stu, static, "static sparse")
+    return "Dynamic exploration of G (STU-GAN) beats static sparse training at the same budget.", verdict, evidence
+
+
+def exploration_matters_when_sparse(grid: Grid, rows: Rows) -> Verdict | None:
+    """STU-GAN's FD gain over static sparse training is larger at the sparsest G than at the densest."""
+    stu = _by_method(grid, rows, "digits", "stu")
+    static = _by_method(grid, rows, "digits", "static")
+    if not static or not stu:
+        return None
+    gains, variances = {}, {}  # mean FD gain over the D densities at each G density, and its variance
+    for g in sorted({k[0] for k in stu} & {k[0] for k in static}):
+        pairs = [k for k in stu if k[0] == g and k in static]
+        gains[g] = sum(static[k][1]["fid"].mean - stu[k][1]["fid"].mean for k in pairs) / len(pairs)
+        variances[g] = (
+            sum(compare(stu[k][1]["fid"], static[k][1]["fid"], lower_is_better=True).se ** 2 for k in pairs)
+            / len(pairs) ** 2
+        )
+    if len(gains) < 2:
+        return None
+    low, high = min(gains), max(gains)
+    gap = Comparison(gains[low] - gains[high], math.sqrt(variances[low] + variances[high]), len(grid.seeds))
+    if gains[low] <= 0 or gap.verdict == "worse":
+        verdict = "did not hold"
+    elif gap.verdict == "better":
+        verdict = "held"
+    else:
+        verdict = "held on average, within seed noise" if gap.gain > 0 else "did not hold on average"
+    by_density = ", ".join(f"{g:g}: {v:+.0f} ± {2 * math.sqrt(variances[g]):.0f}" for g, v in sorted(gains.items()))
+    return (
+        "Exploration matters most when the generator is very sparse.",
+        verdict,
+        "Mean FD gain of STU-GAN over static (averaged over D densities) by G density, ± two standard errors: "
+        f"{by_density}. The gain at G {low:g} exceeds the gain at G {high:g} by {gap.gain:+.0f} ± {2 * gap.se:.0f}.",
+    )
+
+
+def _matches_pruning(grid: Grid, rows: Rows, kind: str, name: str) -> Verdict | None:
+    """STU-GAN, sparse throughout one run, matches or beats the pruning method ``kind`` at the same density."""
+    stu = _by_method(grid, rows, "digits", "stu")
+    other = _by_method(grid, rows, "digits", kind)
+    if not other or not stu:
+        return None
+    verdict, evidence = _tally(stu, other, name.split(" (")[0])
+    return (
+        f"Sparse-to-sparse training in one run matches or beats {name} at the same final density.",
+        verdict,
+        evidence,
+    )
+
+
+def matches_gmp(grid: Grid, rows: Rows) -> Verdict | None:
+    """STU-GAN matches or beats gradual magnitude pruning from dense."""
+    return _matches_pruning(grid, rows, "gmp", "GMP (gradual magnitude pruning from dense)")
+
+
+def matches_snip(grid: Grid, rows: Rows) -> Verdict | None:
+    """STU-GAN matches or beats SNIP (pruning at initialisation)."""
+    return _matches_pruning(grid, rows, "snip", "SNIP")
+
+
+def sparse_start_is_cheaper(grid: Grid, rows: Rows) -> Verdict | None:
+    """STU-GAN spends fewer training FLOPs than GMP, which starts dense, at every shared density."""
+    stu = _by_method(grid, rows, "digits", "stu")
+    gmp = _by_method(grid, rows, "digits", "gmp")
+    if not gmp or not stu:
+        return None
+    shared = sorted(set(stu) & set(gmp))
+    ratios = [gmp[k][1]["train_flops_vs_dense"].mean / stu[k][1]["train_flops_vs_dense"].mean for k in shared]
+    costs = ", ".join(f"{stu[k][1]['train_flops_vs_dense'].mean:.2f}" for k in shared)
+    densities = ", ".join(f"{g:g}/{d:g}" for g, d in shared)
+    return (
+        "Training sparse from scratch is cheaper than starting from a dense network.",
+        "held" if all(r > 1 for r in ratios) else "did not hold",
+        f"GMP, which starts dense and prunes, spends {min(ratios):.1f}x to {max(ratios):.1f}x STU-GAN's "
+        f"training FLOPs at the same final densities (STU-GAN: {costs} of dense, for G/D {densities}).",
+    )
+
+
+def covers_modes(grid: Grid, rows: Rows, bench: str) -> Verdict | None:
+    """On a Gaussians benchmark, a sparse G with exploration covers at least as many modes as a static one."""
+    stu = _by_method(grid, rows, bench, "stu")
+    static = _by_method(grid, rows, bench, "static")
+    dense = next(iter(_by_method(grid, rows, bench, "dense").values()), None)
+    shared = sorted(set(stu) & set(static))
+    if not shared:
+        return None
+    outcomes = [
+        compare(stu[k][1]["modes_covered"], static[k][1]["modes_covered"], lower_is_better=False) for k in shared
+    ]
+    if any(o.verdict == "worse" for o in outcomes):
+        verdict = "did not hold"
+    elif all(o.gain >= 0 for o in outcomes):
+        verdict = "held" if any(o.verdict == "better" for o in outcomes) else "held on average, within seed noise"
+    else:
+        verdict = "inconclusive (fewer modes on average, within seed noise)"
+    parts = "; ".join(
+        f"G {k[0]:g}/D {k[1]:g}: {stu[k][1]['modes_covered'].text()} vs {static[k][1]['modes_covered'].text()}"
+        for k in shared
+    )
+    dense_text = f"; dense covers {dense[1]['modes_covered'].text()}" if dense else ""
+    return (
+        f"{bench}: a sparse generator with exploration covers at least as many modes as a static one.",
+        verdict,
+        f"Modes covered, STU-GAN vs static: {parts}{dense_text}.",
+    )
+
+
+# The digits claims, in the order the report lists them.
+DIGITS_CLAIMS: tuple[Callable[[Grid, Rows], Verdict | None], ...] = (
+    sparse_matches_dense,
+    exploration_beats_static,
+    exploration_matters_when_sparse,
+    matches_gmp,
+    matches_snip,
+    sparse_start_is_cheaper,
+)
+
+
+def claims(grid: Grid, rows: Rows) -> list[Verdict]:
+    """(claim, verdict, evidence) for each of the paper's claims the grid can test, computed from the numbers."""
+    found = [claim(grid, rows) for claim in DIGITS_CLAIMS] if grid.digits is not None else []
+    if grid.gaussians is not None:
+        found += [covers_modes(grid, rows, bench) for bench in grid.gaussians["datasets"]]
+    return [verdict for verdict in found if verdict is not None]
