@@ -207,3 +207,24 @@ def load_run_or_file(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if path.is_file():
         return path, load_checkpoint(path)
     raise CheckpointError(f"{path}: no such run directory or checkpoint file")
+
+
+def read_pretrained(prune_from: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The dense weights ``{"G": state_dict, "D": state_dict}`` that ``sparse.prune_from`` names, to prune
+    (``MaskManager.initialize(dense_weights=...)``): a checkpoint file, or a run directory's latest complete one.
+
+    Only what the file holds of G and D is returned; a network it lacks is missing from the dict, and the manager
+    names it when loading fails.
+    """
+    from sgtrain.config import ConfigError
+
+    source = Path(prune_from)
+    if source.is_dir():
+        found = list_checkpoints(source)
+        if not found:
+            raise ConfigError(f"sparse.prune_from: no checkpoint in {source}")
+        source = found[-1]
+    if not source.is_file():
+        raise ConfigError(f"sparse.prune_from: {source} does not exist")
+    state = load_checkpoint(source)
+    return {net: state[net] for net in ("G", "D") if net in state}

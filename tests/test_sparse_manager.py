@@ -108,8 +108,9 @@ class Harness:
             total_steps=total_steps,
             seed=seed,
         )
-        if start_from is None:
-            self.masks.initialize()
+        if start_from is None:  # as the training setup does: a dense checkpoint's weights for prune_finetune
+            pretrained = self.masks.wants_dense_weights
+            self.masks.initialize(checkpoint.read_pretrained(self.cfg.sparse.prune_from) if pretrained else None)
         else:  # as a resume does: weights, then the manager's state
             self.G.load_state_dict(start_from.G.state_dict())
             self.D.load_state_dict(start_from.D.state_dict())
@@ -751,6 +752,68 @@ def test_prune_finetune_without_a_checkpoint_is_a_config_error(tmp_path: Path) -
     checkpoint.save_checkpoint(tmp_path / "other", 1, {"G": G.state_dict(), "D": D.state_dict()}, keep=1)
     with pytest.raises(ConfigError, match=r"does not hold this model's G"):
         Harness(method="prune_finetune", prune_from=str(tmp_path / "other"))
+
+
+def test_prune_finetune_needs_the_dense_weights_from_the_setup(dense_checkpoint) -> None:
+    # The manager never reads checkpoints: the training setup reads sparse.prune_from and hands the weights over.
+    run_dir, _ = dense_checkpoint
+    cfg = make_config(method="prune_finetune", prune_from=str(run_dir))
+    G, D = build_models(cfg)
+    masks = MaskManager(cfg.sparse, generator=G, discriminator=D, optimizers={}, total_steps=4, seed=0)
+    assert masks.wants_dense_weights
+    with pytest.raises(ConfigError, match=r"prunes a dense checkpoint.*read_pretrained"):
+        masks.initialize()
+    static = make_config(method="static")
+    G, D = build_models(static)
+    masks = MaskManager(static.sparse, generator=G, discriminator=D, optimizers={}, total_steps=4, seed=0)
+    assert not masks.wants_dense_weights
+    with pytest.raises(ValueError, match="does not start from dense weights"):
+        masks.initialize(checkpoint.read_pretrained(run_dir))
+
+
+class _Exempt(nn.Module):
+    sparse_exempt = True  # its linear layer stays dense, as the class-conditional BN's projections do
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + self.proj(x))
+
+
+def test_any_generator_and_discriminator_work_and_sparse_exempt_modules_stay_dense() -> None:
+    """No BigGAN: plain MLPs with an exempt submodule, stepped through STU updates of both networks."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8), _Exempt(), nn.Linear(8, 2))
+        D = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+    sparse = {"method": "stu", "targets": "conv_linear", "explore": "GD", "update_every": 1, "distribution": "uniform"}
+    cfg = load_config(
+        None, {"sparse.density_g": 0.5, "sparse.density_d": 0.5, **{f"sparse.{k}": v for k, v in sparse.items()}}
+    )
+    opt = {"G": torch.optim.Adam(G.parameters(), lr=1e-2), "D": torch.optim.Adam(D.parameters(), lr=1e-2)}
+    masks = MaskManager(cfg.sparse, generator=G, discriminator=D, optimizers=opt, total_steps=4, seed=0)
+    assert [layer.name for layer in masks.layers["G"]] == ["0", "2", "4"]  # not "3.proj"
+    assert [layer.name for layer in masks.layers["D"]] == ["0", "2"]
+    masks.initialize()
+    exempt = G[3].proj.weight.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 4):
+        for net, sign in (("D", 1.0), ("G", -1.0)):
+            opt[net].zero_grad(set_to_none=True)
+            (sign * D(G(torch.randn(8, 4, generator=gen))).mean()).backward()
+            masks.before_step(net)
+            opt[net].step()
+            masks.after_step(net)
+        before = {net: [layer.mask for layer in masks.layers[net]] for net in NETS}
+        assert masks.maybe_update(step), f"no update at step {step}"
+        for net in NETS:
+            for layer, old in zip(masks.layers[net], before[net], strict=True):
+                assert int(layer.mask.sum()) == int(old.sum()) == layer.count
+                assert torch.all(layer.param.detach()[~layer.mask] == 0)
+            assert any(not torch.equal(a, layer.mask) for a, layer in zip(before[net], masks.layers[net], strict=True))
+    assert bool(torch.all(G[3].proj.weight != 0)) and not torch.equal(G[3].proj.weight, exempt)  # trained, dense
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -29,11 +29,11 @@ other rank (exact at 2 ranks; gloo's and NCCL's own algorithms may differ for mo
 each update (an all-reduce min and max of one int64 per layer, entering and after the update: 2 x 2 x 8 bytes x
 layers) is counted and timed separately ("cksum"); it is included in the update's wall time.
 
-The time breakdown ("scores", "select", "cksum") comes from timing the manager's ``_reduced_scores``,
-``_owners_compute`` and checksum methods, wrapped on the instance only (the code that runs is unchanged); "wait" is
-the time spent inside collectives, which includes waiting for the other rank (for a mask broadcast: until its owner
-has selected its layers); "cpu" is the busiest rank's CPU time (user + system) during the update, a figure that other
-load on the machine disturbs less than wall time.
+The time breakdown ("scores", "select", "cksum") comes from timing the methods of the manager's ``Sharding``
+(``reduce_scores``, ``select`` and the checksums), wrapped on the instance only (the code that runs is unchanged);
+"wait" is the time spent inside collectives, which includes waiting for the other rank (for a mask broadcast: until
+its owner has selected its layers); "cpu" is the busiest rank's CPU time (user + system) during the update, a figure
+that other load on the machine disturbs less than wall time.
 
 Two ranks are two processes started here with ``torch.multiprocessing`` ("spawn") and the environment
 ``accelerate launch`` sets (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ACCELERATE_USE_CPU=1), so that ``sgtrain.dist.Dist``
@@ -181,10 +181,10 @@ class CountingComm:
 
 
 class Sections:
-    """Wall time inside some of the manager's methods, by section; also tells the comm which section is calling.
+    """Wall time inside some of the manager's sharding methods, by section; also tells the comm which section calls.
 
     The methods are wrapped on the one instance (the code that runs is the manager's own). A section entered again
-    from inside itself (``_check_consistent`` calls ``_checksums``) is counted once, by the outer call.
+    from inside itself (``check_consistent`` calls ``checksums``) is counted once, by the outer call.
     """
 
     def __init__(self, comm: CountingComm) -> None:
@@ -289,10 +289,10 @@ def run_case(
     )
     masks.initialize()
     sections = Sections(counting)
-    sections.wrap(masks, "_reduced_scores", "scores")
-    sections.wrap(masks, "_owners_compute", "select")
-    sections.wrap(masks, "_checksums", "cksum")
-    sections.wrap(masks, "_check_consistent", "cksum")
+    sections.wrap(masks.sharding, "reduce_scores", "scores")
+    sections.wrap(masks.sharding, "select", "select")
+    sections.wrap(masks.sharding, "checksums", "cksum")
+    sections.wrap(masks.sharding, "check_consistent", "cksum")
 
     rank = counting.rank
     updates = []

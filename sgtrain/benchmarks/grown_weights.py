@@ -10,7 +10,7 @@ grown weight is 0 before that step). The same ratio over the weights that stayed
 step is in the same run.
 
 Modes: ``dense`` (the authors': Adam sees dense gradients, a grown weight has warm moments), ``masked`` (inactive
-gradients zeroed; a grown weight's second moment seeded, see ``sgtrain.sparse.manager.seed_second_moment``) and
+gradients zeroed; a grown weight's second moment seeded, see ``sgtrain.sparse.topology.seed_second_moment``) and
 ``masked_zero`` (the masked mode before that fix: a grown weight's moments start at zero while the step count runs
 on, so its first step is ``lr / sqrt(1 - b2)`` = 31.6 lr).
 

@@ -156,6 +156,8 @@ class ConditionalBatchNorm2d(nn.Module):
     ``x``: ``[B, C, H, W] -> [B, C, H, W]``.
     """
 
+    sparse_exempt = True  # gain and bias are linear layers but produce norm gains: sgtrain.sparse keeps them dense
+
     def __init__(
         self,
         num_features: int,

@@ -2,7 +2,9 @@
 
 Every rank must apply the identical topology update: one differing bit forks the replicas silently. The manager
 never talks to torch.distributed itself; it is handed a :class:`Comm` (``sgtrain.dist.Dist`` in a run,
-:class:`LocalComm` in one process) and uses only the collectives below.
+:class:`LocalComm` in one process) and uses only the collectives below, through :class:`Sharding`, the one object
+that knows about ranks: sparse methods hand it their layers and a selection function and get back every rank's
+identical new masks.
 
 - Ownership: each updatable layer has one owner rank, chosen deterministically and balanced by size
   (:func:`assign_owners`), so the selection work and its memory fall with the number of ranks.
@@ -14,10 +16,15 @@ never talks to torch.distributed itself; it is handed a :class:`Comm` (``sgtrain
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from sgtrain.sparse.topology import mask_checksum, pack_mask, unpack_mask
+
+if TYPE_CHECKING:
+    from sgtrain.sparse.layers import Layer
 
 
 class MaskDivergenceError(RuntimeError):
@@ -91,3 +98,100 @@ def assert_identical(names: Sequence[str], checksums: torch.Tensor, comm: Comm, 
         raise MaskDivergenceError(
             f"ranks hold different masks for {differ[0]}{more} {when}: the replicas have forked; stopping"
         )
+
+
+class Sharding:
+    """The owner / reduce / broadcast protocol of topology updates over ``comm`` (DESIGN.md, "The sharded mask
+    manager"), for the :class:`~sgtrain.sparse.layers.Layer` lists of a manager.
+
+    ``local_scores``: the scores a rank holds are its own, not averaged over ranks (no DDP, ZeRO-partitioned or
+    hook-captured gradients), so they are summed across ranks before selection. ``sharded=False`` is the naive scheme
+    kept for the benchmark: every rank selects every layer itself (after an all-reduce of local scores).
+    """
+
+    def __init__(self, comm: Comm, *, local_scores: bool = False, sharded: bool = True) -> None:
+        self.comm = comm
+        self.local_scores = local_scores
+        self.sharded = sharded
+
+    def assign_owners(self, layers: Sequence[Layer]) -> None:
+        """Set ``layer.owner`` of one network's layers (:func:`assign_owners`). Per network, so that when only G
+        explores its work is spread over all ranks; a layer that stays dense never changes and weighs nothing."""
+        sizes = [layer.numel if layer.density < 1.0 else 0 for layer in layers]
+        for layer, owner in zip(layers, assign_owners(sizes, self.comm.world_size), strict=True):
+            layer.owner = owner
+
+    def reduce_scores(self, layers: Sequence[Layer]) -> dict[int, torch.Tensor]:
+        """``layer.score`` by layer index (weight-shaped), summed over ranks where they are local, on the ranks that
+        select with them.
+
+        Sharded: one ``reduce`` per owner of the concatenated scores of its layers, so each rank receives only what
+        it selects on. Naive: one ``all_reduce`` of everything. Momentum accumulators are summed into a copy, never
+        in place: they carry on after the update.
+        """
+        world = self.comm.world_size
+        if not self.local_scores or world == 1:
+            return {layer.index: layer.score for layer in layers}  # type: ignore[misc] (filtered on not None)
+        groups = [[x for x in layers if x.owner == r] for r in range(world)] if self.sharded else [list(layers)]
+        summed: dict[int, torch.Tensor] = {}
+        for rank, group in enumerate(groups):
+            if not group:
+                continue
+            flat = torch.cat([layer.score.reshape(-1) for layer in group])  # type: ignore[union-attr]
+            if self.sharded:
+                flat = self.comm.reduce(flat, rank)
+                if rank != self.comm.rank:
+                    continue
+            else:
+                flat = self.comm.all_reduce(flat, "sum")
+            for layer, part in zip(group, flat.split([layer.numel for layer in group]), strict=True):
+                summed[layer.index] = part.reshape(layer.param.shape)
+        return summed
+
+    def select(self, layers: Sequence[Layer], select: Callable[[Layer], torch.Tensor]) -> list[torch.Tensor]:
+        """New bool masks ``select(layer)`` of ``layers``, each computed by its owner and broadcast bit-packed (one
+        broadcast per owner), so that every rank applies the same bits. One process or unsharded: computed here."""
+        world = self.comm.world_size
+        if world == 1 or not self.sharded:
+            return [select(layer) for layer in layers]
+        # Every owner selects all of its layers first, at the same time as the others; only then do the masks travel
+        # (one broadcast per owner, in rank order). Selecting inside the broadcast loop would leave each rank waiting
+        # while the owners before it select: the sum of all owners' work rather than the largest share.
+        new = {layer.index: select(layer) for layer in layers if layer.owner == self.comm.rank}
+        for rank in range(world):
+            group = [layer for layer in layers if layer.owner == rank]
+            if not group:
+                continue
+            sizes = [(layer.numel + 7) // 8 for layer in group]
+            if rank == self.comm.rank:
+                packed = torch.cat([pack_mask(new[layer.index]) for layer in group])
+            else:
+                packed = torch.empty(sum(sizes), dtype=torch.uint8, device=group[0].param.device)
+            packed = self.comm.broadcast(packed, rank)
+            if rank != self.comm.rank:
+                for layer, part in zip(group, packed.split(sizes), strict=True):
+                    new[layer.index] = unpack_mask(part, layer.param.shape).to(layer.param.device)
+        return [new[layer.index] for layer in layers]
+
+    def checksums(self, layers: Sequence[Layer]) -> torch.Tensor | None:
+        """Checksums of every mask (int64 ``[len(layers)]``), or None in one process, where there is nothing to
+        compare."""
+        if self.comm.world_size == 1:
+            return None
+        return torch.tensor([mask_checksum(layer.mask) for layer in layers], dtype=torch.int64)
+
+    def check_identical(self, layers: Sequence[Layer], when: str) -> None:
+        """Stop on every rank if the ranks hold different masks (after drawing or loading them, say)."""
+        checksums = self.checksums(layers)
+        if checksums is not None:
+            assert_identical([f"{layer.net}.{layer.name}" for layer in layers], checksums, self.comm, when)
+
+    def check_consistent(self, layers: Sequence[Layer], entering: torch.Tensor | None, when: str) -> None:
+        """Stop on every rank if any rank holds a different mask, ``entering`` (:meth:`checksums` taken before) the
+        update or after it: a mask that forked before the update must not be papered over by it."""
+        after = self.checksums(layers)
+        if entering is None or after is None:
+            return
+        names = [f"{layer.net}.{layer.name}" for layer in layers]
+        labels = [f"{name} (as it entered the update)" for name in names] + names
+        assert_identical(labels, torch.cat([entering, after]), self.comm, when)
