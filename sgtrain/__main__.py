@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-# Exit codes: 2 bad input (config, paths, checkpoints, launch), before any work where possible; 3 the ranks' masks
-# diverged (the run stops before checkpointing the forked state); 75 stopped on request (SIGUSR1, SIGTERM or
-# $SGTRAIN_STOP_FILE) after writing a checkpoint: the same command resumes (slurm/biggan.sh requeues on it); 4 a NaN
-# or Inf that train.nonfinite could not get past (no checkpoint of it written). 75 and 4 live in sgtrain.stopping.
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+if TYPE_CHECKING:
+    from sgtrain.config import Config
 
+# Exit codes (sgtrain.stopping): 2 bad input (config, paths, checkpoints, launch), before any work where possible;
+# 3 the ranks' masks diverged; 75 stopped on request (SIGUSR1, SIGTERM or $SGTRAIN_STOP_FILE) after writing a
+# checkpoint: the same command resumes (slurm/biggan.sh requeues on it); 4 a NaN or Inf that train.nonfinite could
+# not get past (no checkpoint of it written); 1 a study with failed cells.
 DEFAULT_CONFIG = "digits.yaml"  # the embedded default job: what `python -m sgtrain` trains without --config
 
 COMMANDS = {
@@ -126,9 +128,7 @@ def evaluate(
             extractor_kind=extractor,
             inception=inception,
             seed=seed,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            all_reduce=dist.all_reduce,
+            comm=dist,
             device=dist.device,
             standing=standing,
         )
@@ -239,12 +239,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import fire
 
-    from sgtrain.checkpoint import CheckpointError
-    from sgtrain.config import ConfigError
-    from sgtrain.data.stream import DataError
-    from sgtrain.dist import LaunchError
-    from sgtrain.sparse.sync import MaskDivergenceError
-    from sgtrain.stopping import EXIT_NONFINITE, EXIT_STOPPED, NonFiniteError, StoppedEarly
     from sgtrain.study import StudyFailed
 
     commands = {"train": train, "print-config": print_config, "inspect": inspect, "flops": flops}
@@ -256,13 +250,37 @@ def main(argv: list[str] | None = None) -> int:
     commands["bench"] = bench
     commands["study"] = study
     try:
-        fire.Fire(commands, command=argv, name="sgtrain")
-    except (ConfigError, CheckpointError, LaunchError, DataError) as error:
-        print(f"sgtrain: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return run_guarded(lambda: fire.Fire(commands, command=argv, name="sgtrain"))
     except StudyFailed as error:
         print(f"sgtrain: error: {error}", file=sys.stderr)
         return 1
+    except fire.core.FireExit as exit_:
+        return int(exit_.code or 0)
+
+
+def run_guarded(command: Callable[[], Any]) -> int:
+    """Run ``command`` and map sgtrain's errors to one line on stderr and the exit code (``sgtrain.stopping``).
+
+    For programs that embed sgtrain, e.g. ``run_guarded(lambda: train(train_config(argv), hooks=...))``."""
+    from sgtrain.checkpoint import CheckpointError
+    from sgtrain.config import ConfigError
+    from sgtrain.data.stream import DataError
+    from sgtrain.dist import LaunchError
+    from sgtrain.sparse.sync import MaskDivergenceError
+    from sgtrain.stopping import (
+        EXIT_BAD_INPUT,
+        EXIT_DIVERGED,
+        EXIT_NONFINITE,
+        EXIT_STOPPED,
+        NonFiniteError,
+        StoppedEarly,
+    )
+
+    try:
+        command()
+    except (ConfigError, CheckpointError, LaunchError, DataError) as error:
+        print(f"sgtrain: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except MaskDivergenceError as error:
         print(f"sgtrain: error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -273,9 +291,27 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"sgtrain: {stopped}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
-    except fire.core.FireExit as exit_:
-        return int(exit_.code or 0)
     return 0
+
+
+def train_config(argv: list[str]) -> Config:
+    """The config that ``python -m sgtrain [--config FILE] [--section.key=value ...]`` trains (values as a shell
+    gives them: the config coerces them)."""
+    from sgtrain.config import ConfigError, load_config
+
+    config, overrides, rest = None, {}, list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--config" and rest:
+            config = rest.pop(0)
+        elif arg.startswith("--config="):
+            config = arg.partition("=")[2]
+        elif arg.startswith("--") and "=" in arg:
+            key, _, value = arg[2:].partition("=")
+            overrides[key] = value
+        else:
+            raise ConfigError(f"expected --config FILE or --section.key=value, got {arg!r}")
+    return load_config(config or DEFAULT_CONFIG, overrides)
 
 
 if __name__ == "__main__":

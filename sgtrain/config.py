@@ -42,8 +42,11 @@ def _check(ok: bool, message: str) -> None:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """BigGAN architecture (Brock et al. 2019) for 32, 64 or 128 px."""
+    """BigGAN architecture (Brock et al. 2019) for 32, 64 or 128 px, or the user's own pair (``builder``)."""
 
+    # Your own G and D instead of BigGAN: "package.module:function", called with this config and returning
+    # (generator, discriminator); see README, "Bring your own GAN". The BigGAN-only fields below are then ignored.
+    builder: str | None = None
     resolution: int = 32  # output side in pixels: 32, 64 or 128
     n_classes: int = 10  # number of conditioning classes
     g_ch: int = 8  # generator channel multiplier ("ch" of BigGAN; 64 for CIFAR-10, 96 for ImageNet)
@@ -131,7 +134,9 @@ class TrainConfig:
     eval_samples: int = 1000
     eval_metric: str = "fid"
     keep_best: int = 1
-    sample_classes: int = 10  # classes shown in a sample grid (one row each)
+    # classes shown in a sample grid (one row each); None: the model's first min(10, model.n_classes), resolved and
+    # saved as a number
+    sample_classes: int | None = None
     # A NaN or Inf in a loss or gradient, found before the optimizer step that would apply it: skip (drop that D or
     # G update and go on; not under DeepSpeed, whose engine steps inside backward) or rollback (restart from the
     # latest checkpoint). Past max_nonfinite such events in one process the run stops (exit 4). No checkpoint with a
@@ -158,7 +163,10 @@ class TrainConfig:
             f"train.eval_metric must be one of {', '.join(EVAL_METRICS)}, got {self.eval_metric!r}",
         )
         _check(self.keep_best >= 1, f"train.keep_best must be >= 1, got {self.keep_best}")
-        _check(self.sample_classes >= 1, f"train.sample_classes must be >= 1, got {self.sample_classes}")
+        _check(
+            self.sample_classes is None or self.sample_classes >= 1,
+            f"train.sample_classes must be >= 1, got {self.sample_classes}",
+        )
         _check(
             self.nonfinite in NONFINITE_POLICIES,
             f"train.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}",
@@ -192,7 +200,7 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class SparseConfig:
-    """Sparse-to-sparse training (DESIGN.md, "The method"). Densities are fractions of masked weights kept."""
+    """Sparse-to-sparse training (docs/design.md, "The sparse core"). Densities are fractions of masked weights kept."""
 
     method: str = "dense"  # dense | static | stu | snip | gmp | prune_finetune
     distribution: str = "ERK"  # layer-wise densities: uniform | ER | ERK
@@ -328,6 +336,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir must not be empty")
+        if self.train.sample_classes is None:  # follows the model unless set: --model.n_classes=3 alone just works
+            self.train.sample_classes = min(10, self.model.n_classes)
         _check(
             self.train.sample_classes <= self.model.n_classes,
             f"train.sample_classes ({self.train.sample_classes}) exceeds model.n_classes ({self.model.n_classes})",

@@ -227,7 +227,7 @@ class Network:
         net.zero_grad()
         for each accumulation round:
             with net.accumulating(last=...):
-                loss = f(net.forward(...)); net.backward(loss / rounds)
+                loss = f(net(...)); net.backward(loss / rounds)
         masks.before_step(...); net.optimizer_step(); masks.after_step(...)
 
     DDP all-reduces gradients in the last round only. A DeepSpeed engine reduces (and, under ZeRO-2, partitions)
@@ -237,13 +237,20 @@ class Network:
     """
 
     def __init__(
-        self, dist: Dist, module: nn.Module, optimizer: torch.optim.Optimizer, forward: nn.Module, engine: Any = None
+        self, dist: Dist, module: nn.Module, optimizer: torch.optim.Optimizer, wrapped: nn.Module, engine: Any = None
     ) -> None:
         self.dist = dist
         self.module = module  # the network itself: its state dict, its unwrapped forward
         self.optimizer = optimizer
-        self.forward = forward  # what a training forward pass calls
+        self.wrapped = wrapped  # what a training forward pass calls: DDP, a DeepSpeed engine, or the module
         self.engine = engine
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """A training forward pass (through DDP or the engine, so that its backward is reduced)."""
+        return self.wrapped(*inputs)
+
+    def train(self, mode: bool = True) -> None:
+        self.wrapped.train(mode)
 
     def zero_grad(self) -> None:
         if self.engine is None:  # a DeepSpeed engine clears its gradients after each step by itself
@@ -252,7 +259,7 @@ class Network:
     @contextlib.contextmanager
     def accumulating(self, *, last: bool) -> Iterator[None]:
         """Around one accumulation round's forward and backward: no DDP all-reduce unless it is the last."""
-        with self.dist.no_sync(self.forward, skip=not last):
+        with self.dist.no_sync(self.wrapped, skip=not last):
             yield
 
     def backward(self, loss: torch.Tensor) -> None:

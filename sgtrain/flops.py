@@ -264,14 +264,11 @@ def config_flops(cfg: Any) -> dict[str, Any]:
     For SNIP, GMP and prune_finetune the per-layer densities are only known during the run (they follow the data or a
     global threshold); the configured distribution's densities stand in for them here.
     """
-    import dataclasses
-
+    from sgtrain.models.build import build_models
     from sgtrain.sparse import MaskManager
-    from sgtrain.train import build_models
 
     # The count depends on shapes only: build with the cheap init (orthogonal init of a 128 px BigGAN takes seconds).
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="N02"))
-    generator, discriminator = build_models(cfg)
+    generator, discriminator = build_models(cfg.model, cfg.seed, weights_follow=True)
     masks = MaskManager(
         cfg.sparse, generator=generator, discriminator=discriminator, optimizers={}, total_steps=1, seed=0
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 
 from sgtrain import checkpoint
 from sgtrain.config import config_from_dict
+from sgtrain.models.build import build_models
 from sgtrain.sparse.manager import NETWORKS, masked_parameters
 from sgtrain.sparse.topology import unpack_mask
 
@@ -19,10 +19,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     source, state = checkpoint.load_run_or_file(path)
     cfg = config_from_dict(state["config"])
     # Only the names and shapes of the masked layers are needed: build with the cheap init (ortho's QR is slow).
-    from sgtrain.train import build_models
-
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="N02"))
-    modules = dict(zip(NETWORKS, build_models(cfg), strict=True))
+    modules = dict(zip(NETWORKS, build_models(cfg.model, cfg.seed, weights_follow=True), strict=True))
     saved = state.get("masks", {}).get("layers", {})
     targets = {"G": cfg.sparse.density_g, "D": cfg.sparse.density_d}
     report: dict[str, Any] = {"checkpoint": str(source), "step": int(state["step"]), "method": cfg.sparse.method}

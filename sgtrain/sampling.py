@@ -7,40 +7,14 @@ not depend on how many ranks generate them or in which batches, so a 2-rank eval
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sgtrain import checkpoint
-from sgtrain.config import Config, ConfigError, config_from_dict
-
-
-@dataclass
-class LoadedGenerator:
-    """A run's EMA generator, ready to sample (eval mode), and where it came from."""
-
-    module: nn.Module
-    cfg: Config
-    step: int
-    source: Path
-    mode: str = "eval mode (running statistics)"  # how batch norm normalises: stated with every result
-
-
-def load_generator(path: str | Path, device: torch.device | str = "cpu") -> LoadedGenerator:
-    """The EMA generator of a run directory's latest checkpoint, or of one checkpoint file."""
-    from sgtrain.train import build_models
-
-    source, state = checkpoint.load_run_or_file(path)
-    cfg = config_from_dict(state["config"])
-    # The weights come from the checkpoint: build with the cheap init (ortho's QR is slow for big models).
-    G, _ = build_models(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="N02")))
-    G.load_state_dict(state["ema"])
-    return LoadedGenerator(G.to(device).eval().requires_grad_(False), cfg, int(state["step"]), source)
+from sgtrain.config import ConfigError
+from sgtrain.generators import LoadedGenerator, load_any
 
 
 def truncated_normal(shape: Sequence[int], truncation: float | None, generator: torch.Generator) -> torch.Tensor:
@@ -173,13 +147,6 @@ def parse_classes(value: Any, n_classes: int) -> list[int]:
         raise ConfigError(f"--classes must be class indices like 1,3,5, got {value!r}") from None
 
 
-def _load_any(path: str | Path) -> LoadedGenerator:
-    """A run directory or checkpoint (:func:`load_generator`), or a file written by ``sgtrain export``."""
-    from sgtrain.export import is_exported, load_exported
-
-    return load_exported(path) if is_exported(path) else load_generator(path)
-
-
 def sample_command(
     run: str,
     out: str,
@@ -197,7 +164,7 @@ def sample_command(
     ``run`` is a run directory, a checkpoint file or a generator exported by ``sgtrain export`` (``--from G.sgt``)."""
     from sgtrain.images import save_grid
 
-    loaded = _load_any(run)
+    loaded = load_any(run)
     if standing:
         standing_statistics(loaded, truncation=truncation, seed=seed)
     chosen = parse_classes(classes, loaded.cfg.model.n_classes)

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
 
+from sgtrain.comm import Comm
+
+# Exit codes of `python -m sgtrain` (all of them here, so that launchers and the CLI read one table).
+EXIT_BAD_INPUT = 2  # bad config, paths, shards, checkpoints or launch; before any work where possible
+EXIT_DIVERGED = 3  # the ranks' masks diverged: the run stops before checkpointing the forked state
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; the same command resumes the run
 STOP_FILE_ENV = "SGTRAIN_STOP_FILE"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -74,11 +78,11 @@ class StopRequest:
             self.reason = f"the stop file {self.stop_file}"
         return self.reason
 
-    def agreed(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> str | None:
+    def agreed(self, comm: Comm) -> str | None:
         """Whether any rank was asked to stop (every rank gets the same answer): one tiny all-reduce per call."""
         reason = self.local()
         flag = torch.tensor([1 if reason else 0], dtype=torch.int64)
-        if int(all_reduce(flag, "max")) == 0:
+        if int(comm.all_reduce(flag, "max")) == 0:
             return None
         return reason or "a request to another rank"
 

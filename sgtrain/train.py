@@ -5,6 +5,8 @@ Launch (see README for all of them)::
     python -m sgtrain                                              # embedded default, one CPU
     python -m sgtrain --config cifar10.yaml --train.steps=200      # a shipped config plus overrides
     accelerate launch -m sgtrain --config imagenet128.yaml         # data-parallel GPUs
+
+Only the command line and the study's runner import this module; everything the loop calls lives below it.
 """
 
 from __future__ import annotations
@@ -14,222 +16,58 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sgtrain import checkpoint
-from sgtrain.config import Config, ConfigError, config_from_dict, config_to_dict, config_to_yaml
-from sgtrain.data.builtin import BUILTIN_DATASETS, IndexStream, load_builtin
-from sgtrain.data.shards import bundled_shards
-from sgtrain.data.stream import ShardLoader, resolve_shards
+from sgtrain.config import Config, ConfigError, config_to_yaml
+from sgtrain.data.source import BatchSource, check_data, open_batches
 from sgtrain.dist import Dist, Network
 from sgtrain.ema import EMA
 from sgtrain.flops import dense_weight_gradients, flops_report, layers_iteration_flops
 from sgtrain.images import save_grid
-from sgtrain.losses import d_hinge, g_hinge
-from sgtrain.models import Discriminator, Generator
+from sgtrain.losses import HINGE, GanLoss
 from sgtrain.models.layers import CrossReplicaBatchNorm2d
+from sgtrain.parts import SAMPLES_PER_CLASS, StepLatents, build_training, nonfinite_flag, sample_noise
+from sgtrain.run_state import CheckpointIO, ConfigGuard, OptimizerState, Progress, RngState
 from sgtrain.sparse import MaskManager
-from sgtrain.sparse.sync import Comm
+from sgtrain.step import GanStep, StepResult
 from sgtrain.stopping import EXIT_STOPPED, NonFiniteError, StoppedEarly, StopRequest
 from sgtrain.tracking import METRICS_FILE, Tracker
 
-SAMPLES_PER_CLASS = 8  # columns of a sample grid
+
+@dataclass(kw_only=True)
+class Hooks:
+    """What a program (or a test) may hand the loop besides its config.
+
+    ``losses``: the GAN objective (BigGAN's hinge by default). ``batches``: wraps the real-data source (to record or
+    transform what it serves). ``after_iteration(step, gan_step, result)``: called after every iteration, with G's
+    step count, the step's parts (networks, masks, EMA) and what the iteration produced."""
+
+    losses: GanLoss = HINGE
+    batches: Callable[[BatchSource], BatchSource] | None = None
+    after_iteration: Callable[[int, GanStep, StepResult], None] | None = None
 
 
-def build_models(cfg: Config) -> tuple[Generator, Discriminator]:
-    """G and D of ``cfg.model``, initialised from ``cfg.seed`` (identical on every rank)."""
-    m = cfg.model
-    torch.manual_seed(cfg.seed)
-    generator = Generator(
-        resolution=m.resolution,
-        n_classes=m.n_classes,
-        ch=m.g_ch,
-        dim_z=m.dim_z,
-        shared_dim=m.shared_dim,
-        hier=m.hier,
-        attn_res=m.g_attn,
-        init=m.init,
-        bn_eps=m.bn_eps,
-        sn_eps=m.sn_eps,
-    )
-    discriminator = Discriminator(
-        resolution=m.resolution, n_classes=m.n_classes, ch=m.d_ch, attn_res=m.d_attn, init=m.init, sn_eps=m.sn_eps
-    )
-    return generator, discriminator
-
-
-def build_training(
-    cfg: Config, device: torch.device | str = "cpu", *, comm: Comm | None = None, local_scores: bool = False
-) -> tuple[Generator, Discriminator, torch.optim.Adam, torch.optim.Adam, MaskManager]:
-    """G and D on ``device``, their Adam optimizers (BigGAN's betas and eps) and the mask manager (not initialized).
-
-    ``comm`` and ``local_scores`` go to the mask manager (see :class:`MaskManager`)."""
-    t = cfg.train
-    G, D = build_models(cfg)
-    G, D = G.to(device), D.to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.betas), eps=t.adam_eps)
-    opt_d = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.betas), eps=t.adam_eps)
-    masks = MaskManager(
-        cfg.sparse,
-        generator=G,
-        discriminator=D,
-        optimizers={"G": opt_g, "D": opt_d},
-        total_steps=t.steps,
-        seed=cfg.seed,
-        comm=comm,
-        local_scores=local_scores,
-    )
-    return G, D, opt_g, opt_d, masks
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The RNG for the latents of G step ``step``: a pure function of the two, so resumes are exact.
-
-    It draws the latents of the global batch and each rank takes its own slice: rank r's latents are a pure function
-    of (seed, rank, step) that does not depend on the number of ranks, so a run on N processes matches a run on one
-    process with the same global batch (and can resume on a different number of processes).
-    """
-    return torch.Generator().manual_seed(seed * 1_000_000_007 + step)
-
-
-def sample_noise(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed latents ``[C*8, dim_z]`` and classes ``[C*8]`` of the sample grids: one row per class."""
-    classes = cfg.train.sample_classes
-    generator = torch.Generator().manual_seed(cfg.seed + 7919)
-    z = torch.randn(classes * SAMPLES_PER_CLASS, cfg.model.dim_z, generator=generator)
-    y = torch.arange(classes).repeat_interleave(SAMPLES_PER_CLASS)
-    return z, y
-
-
-def _iteration_flops(
-    cfg: Config, report: dict[str, Any], g_densities: dict[str, float], d_densities: dict[str, float]
-) -> float:
-    """Training FLOPs of one G iteration (with its D steps) at the given layer densities (sgtrain.flops conventions)."""
-    return layers_iteration_flops(
-        report["G"]["layers"],
-        report["D"]["layers"],
-        g_densities,
-        d_densities,
-        batch_size=cfg.train.batch_size,
-        d_steps=cfg.train.d_steps,
-        dense_weight_grads=dense_weight_gradients(cfg.sparse),
-    )
-
-
-def _nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``[1]`` int64: 1 if any floating-point tensor holds a NaN or Inf, else 0 (ready for an all-reduce "max").
-
-    One fused max-|x| over the whole list (NaN and Inf survive a max) and one host sync, not one per tensor."""
-    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
-    if not floats:
-        return torch.zeros(1, dtype=torch.int64)
-    peak = torch.stack(torch._foreach_norm(floats, float("inf"))).float()
-    return torch.tensor([0 if bool(torch.isfinite(peak).all()) else 1], dtype=torch.int64)
-
-
-def _has_eval_record(path: Path, step: int) -> bool:
-    """Whether the metrics log holds the evaluation of ``step``."""
-    if not path.is_file():
-        return False
-    for line in path.read_text().splitlines():
-        record = json.loads(line) if line else {}
-        if record.get("step") == step and any(key.startswith("eval/") for key in record):
-            return True
-    return False
-
-
-# Settings a run cannot change when it resumes: they define the weights and masks in the checkpoint.
-FIXED_ON_RESUME = {
-    "model": None,  # every key
-    "sparse": (
-        "method",
-        "distribution",
-        "erk_power",
-        "density_g",
-        "density_d",
-        "targets",
-        "dense_first_last",
-        "optimizer_state",  # masked mode keeps inactive moments at zero; a dense-mode checkpoint holds warm ones
-    ),
-}
-
-
-# Settings added after checkpoints existed, with the behaviour those older checkpoints were trained with: a saved
-# config holds every field of its time, so a missing one means "before it existed", not today's default.
-LEGACY_SETTINGS = {
-    "sparse": {"optimizer_state": "masked", "drop_fraction_min": 0.0},
-    "train": {"ema_buffers": "copy"},
-}
-
-
-def _check_resumable(cfg: Config, saved: dict[str, Any], path: Path) -> None:
-    saved = {key: dict(value) if isinstance(value, dict) else value for key, value in saved.items()}
-    for section, values in LEGACY_SETTINGS.items():
-        for key, value in values.items():
-            saved.setdefault(section, {}).setdefault(key, value)
-    old = config_from_dict(saved)
-    diff = []
-    for section, keys in FIXED_ON_RESUME.items():
-        before, now = getattr(old, section), getattr(cfg, section)
-        for key in keys or vars(now):
-            if getattr(before, key) != getattr(now, key):
-                diff.append(f"{section}.{key}: {getattr(before, key)!r} in the checkpoint, {getattr(now, key)!r} now")
-    if diff:
-        raise ConfigError(f"{path} was trained with other settings ({'; '.join(diff)}); use a new run_dir")
-
-
-DATA_FIELDS = ("next", "good", "bad")  # a rank's stream state besides its per-worker offsets
-
-
-def _gather_data_state(loader: ShardLoader, dist: Dist) -> dict[str, Any]:
-    """Every rank's stream position (per-worker offsets and the rest), for rank 0's checkpoint."""
-    state = loader.state_dict()
-    row = torch.tensor(state["offsets"] + [state[key] for key in DATA_FIELDS], dtype=torch.int64)
-    table = torch.zeros(dist.world_size, len(row), dtype=torch.int64)
-    table[dist.rank] = row
-    table = dist.all_reduce(table, "sum")
-    workers = len(state["offsets"])
-    ranks = [
-        {"offsets": r[:workers].tolist(), **dict(zip(DATA_FIELDS, r[workers:].tolist(), strict=True))} for r in table
-    ]
-    return {"world_size": dist.world_size, "workers": workers, "ranks": ranks}
-
-
-def _rank_data_state(saved: dict[str, Any] | None, dist: Dist, workers: int, step: int) -> dict[str, Any] | None:
-    """This rank's saved stream position, if the checkpoint was written by as many ranks and workers as now."""
-    if saved is None:
-        return None
-    if saved["world_size"] == dist.world_size and saved["workers"] == max(workers, 1):
-        return saved["ranks"][dist.rank]
-    if dist.is_main:
-        print(
-            f"sgtrain: warning: the checkpoint's data position is for {saved['world_size']} ranks x {saved['workers']} "
-            f"workers, this run has {dist.world_size} x {max(workers, 1)}: the streams restart from their beginning "
-            f"at step {step}, so some samples are seen again before others",
-            file=sys.stderr,
-            flush=True,
-        )
-    return None
-
-
-def train(cfg: Config, stop: StopRequest | None = None) -> Path:
+def train(cfg: Config, stop: StopRequest | None = None, *, hooks: Hooks | None = None) -> Path:
     """Train ``cfg`` to ``cfg.train.steps`` G steps, resuming from the run directory's latest checkpoint.
 
     Raises :class:`~sgtrain.stopping.StoppedEarly` after a checkpoint when SIGUSR1, SIGTERM or the stop file asked
     the run to stop (``python -m sgtrain`` exits 75 then). ``stop`` replaces the default request watcher. A NaN or
     Inf rolls the run back to its latest checkpoint under ``train.nonfinite: rollback`` (a :class:`NonFiniteError`
-    when it comes back at the same step or past ``train.max_nonfinite``)."""
+    when it comes back at the same step or past ``train.max_nonfinite``). ``hooks``: see :class:`Hooks`."""
     dist = Dist(timeout_s=cfg.train.collective_timeout_s)
     events, rolled_back_at = 0, None
     try:
         while True:
             try:
                 with stop or StopRequest() as request, ExitStack() as resources:
-                    stopped = training_loop(cfg, dist, request, resources, nonfinite_events=events)
+                    stopped = training_loop(cfg, dist, request, resources, nonfinite_events=events, hooks=hooks)
                 break
             except NonFiniteError as error:
                 # Every rank raised it at the same point (the check is all-reduced): all restart, or all stop.
@@ -260,8 +98,9 @@ def training_loop(
     resources: ExitStack | None = None,
     *,
     nonfinite_events: int = 0,
+    hooks: Hooks | None = None,
 ) -> StoppedEarly | None:
-    """The whole run on this rank: set up or resume, then alternate D and G steps until ``cfg.train.steps``.
+    """The whole run on this rank: set up or resume, then train GAN iterations until ``cfg.train.steps``.
 
     Returns a :class:`StoppedEarly` (not raised, so that the caller can leave the process group cleanly first) when
     ``stop`` asked every rank to stop early; the checkpoint of that step is written by then. ``resources`` (the
@@ -269,8 +108,8 @@ def training_loop(
     of earlier attempts in this process (rollbacks), counted towards ``train.max_nonfinite``."""
     stop = stop or StopRequest()
     resources = resources if resources is not None else ExitStack()
-    t = cfg.train
-    run_dir = Path(cfg.run_dir)
+    hooks = hooks or Hooks()
+    t, run_dir = cfg.train, Path(cfg.run_dir)
     micro_global = t.batch_size // t.accumulation
     if micro_global % dist.world_size:
         raise ConfigError(
@@ -279,71 +118,147 @@ def training_loop(
         )
     micro = micro_global // dist.world_size  # images per rank per forward pass
     mine = slice(dist.rank * micro, (dist.rank + 1) * micro)  # this rank's share of a global micro-batch
-    if cfg.data.shards is not None:
-        spec = cfg.data.shards
-        if spec in BUILTIN_DATASETS:  # bundled data as shards, written into the cache on first use
-            if dist.is_main:
-                spec = str(bundled_shards(spec, cfg.model.resolution))
-            dist.barrier()  # the other ranks then find them (or, on another node, write their own)
-            if not dist.is_main:
-                spec = str(bundled_shards(spec, cfg.model.resolution))
-        shards = resolve_shards(spec)
-        if shards.resolution is not None and shards.resolution != cfg.model.resolution:
-            raise ConfigError(
-                f"data.shards hold {shards.resolution} px images (manifest.json), model.resolution is "
-                f"{cfg.model.resolution}"
-            )
-        if shards.num_classes is not None and shards.num_classes > cfg.model.n_classes:
-            raise ConfigError(f"data.shards hold {shards.num_classes} classes but model.n_classes is smaller")
-    else:
-        data = load_builtin(cfg.data.dataset, cfg.model.resolution)
-        if data.n_classes > cfg.model.n_classes:
-            raise ConfigError(f"data.dataset {data.name} has {data.n_classes} classes but model.n_classes is smaller")
+    data = check_data(cfg, dist)
 
-    # Build models, optimizers and the mask manager; resume from the latest complete checkpoint, if any.
+    # Build the networks, their optimizers, the mask manager and the EMA; wrap G and D for data-parallel training.
     G, D, opt_g, opt_d, masks = build_training(cfg, dist.device, comm=dist)
-    step, position = 0, 0
-    flops = {"sparse": 0.0, "dense": 0.0}  # cumulative training FLOPs of this run and of its dense counterpart
     latest = checkpoint.load_latest(run_dir)
-    if latest is None:
-        masks.initialize()  # masks (and the pruned dense weights for prune_finetune) before the EMA copies G
-        ema = EMA(G, decay=t.ema_decay, start=t.ema_start, buffers=t.ema_buffers)
-    else:
-        path, state = latest
-        _check_resumable(cfg, state["config"], path)
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])
-        ema = EMA(G, decay=t.ema_decay, start=t.ema_start, buffers=t.ema_buffers)
-        ema.load_state_dict(state["ema"])
-        masks.load_state_dict(state["masks"])
-        step, position = int(state["step"]), int(state["position"])
-        flops = {key: float(value) for key, value in state["flops"].items()}
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if latest is None:  # masks (and prune_finetune's pruned dense weights) before the EMA copies G, and before an
+        # engine copies the weights into its masters
+        pretrained = checkpoint.read_pretrained(cfg.sparse.prune_from) if masks.wants_dense_weights else None
+        masks.initialize(pretrained)
+    ema = EMA(G, decay=t.ema_decay, start=t.ema_start, buffers=t.ema_buffers)
+    # FLOPs of every weight layer per image, measured once (before G's norms are wired to collectives); a step's
+    # cost then follows the masks' densities.
+    m = cfg.model
+    layer_flops = flops_report(
+        G, D, resolution=m.resolution, n_classes=m.n_classes, dim_z=m.dim_z, batch_size=1, d_steps=1
+    )
+    nets = _wrap(cfg, dist, masks, {"G": (G, opt_g), "D": (D, opt_d)}, micro)
+    batches = open_batches(cfg, data, dist, global_batch=micro_global)
+    if hooks.batches is not None:
+        batches = hooks.batches(batches)
+
+    # What a checkpoint holds, registered once: saving walks it, and so does resuming from the latest checkpoint.
+    progress = Progress()
+    state = CheckpointIO(
+        progress,
+        batches,
+        config=ConfigGuard(cfg, latest[0] if latest is not None else None),
+        G=G,
+        D=D,
+        ema=ema,
+        masks=masks,
+        opt_g=OptimizerState(nets["G"]),
+        opt_d=OptimizerState(nets["D"]),
+        rng=RngState(),
+    )
+    if latest is not None:
+        state.load_state_dict(latest[1])
     # Every rank picked its checkpoint itself (shared storage can disagree, e.g. NFS caching or a damaged newest
     # file seen by one node only) and drew or loaded its masks: all must start from the same step and topology.
-    steps = torch.tensor([step], dtype=torch.int64)
+    steps = torch.tensor([progress.step], dtype=torch.int64)
     if int(dist.all_reduce(steps.clone(), "min")) != int(dist.all_reduce(steps.clone(), "max")):
         raise checkpoint.CheckpointError(f"the ranks found different latest checkpoints in {run_dir / 'checkpoints'}")
     masks.check_identical("at the start of the run")
-    # FLOPs of every weight layer per image, measured once; a step's cost then follows the masks' densities.
-    layer_flops = flops_report(
-        G,
-        D,
-        resolution=cfg.model.resolution,
-        n_classes=cfg.model.n_classes,
-        dim_z=cfg.model.dim_z,
-        batch_size=1,
-        d_steps=1,
+    tracker = _start_tracking(cfg, dist, progress.step, micro, resources)
+    guard = NonFiniteGuard(cfg, dist, progress, events=nonfinite_events)
+    autocast = _autocast(cfg, dist)
+    gan = GanStep(
+        G=nets["G"],
+        D=nets["D"],
+        masks=masks,
+        ema=ema,
+        losses=hooks.losses,
+        d_steps=t.d_steps,
+        accumulation=t.accumulation,
+        autocast=autocast,
+        is_finite=guard,
     )
+    evaluation = Evaluation(cfg, dist, ema, tracker) if t.eval_every else None  # a missing Inception file stops here
+    # A run stopped (killed, or asked to stop) between writing an evaluation step's checkpoint and logging its
+    # evaluation does that evaluation now, so that no evaluation step goes missing from the log or the best list.
+    if evaluation is not None and latest is not None and progress.step > 0 and progress.step % t.eval_every == 0:
+        evaluation.if_missing(progress.step)
+    fixed_z, fixed_y = sample_noise(cfg)
+    bar = None
+    if dist.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=progress.step, unit="step", dynamic_ncols=True, desc=run_dir.name)
+        resources.enter_context(bar)  # closed on a failure too, so an error message starts on its own line
     dense_iteration = _iteration_flops(cfg, layer_flops, {}, {})
-    if dist.world_size > 1 and cfg.train.cross_replica_bn:
-        for module in G.modules():  # after the EMA's copy of G, which must stay free of collectives
-            if isinstance(module, CrossReplicaBatchNorm2d):
-                module.sum_over_replicas = dist.sum_with_grad
-    # Wrap G and D for data-parallel training: DDP, or DeepSpeed engines under a DeepSpeed launch. An engine copies
-    # the weights into its fp32 master partitions now, so masks and resumed weights are in place before this.
+    interval = Interval()
+    saved_step = progress.step if latest is not None else -1
+
+    while progress.step < t.steps:
+        latents = StepLatents(cfg, progress.step, global_batch=micro_global, mine=mine, device=dist.device)
+        result = gan(progress.step, lambda: batches.next(dist.device), latents)
+        progress.step += 1
+        step = progress.step
+        interval.add(result, masks)
+        if hooks.after_iteration is not None:
+            hooks.after_iteration(step, gan, result)
+
+        # Maintenance.
+        progress.flops["dense"] += dense_iteration
+        g_densities, d_densities = masks.layer_densities("G"), masks.layer_densities("D")
+        progress.flops["sparse"] += _iteration_flops(cfg, layer_flops, g_densities, d_densities)
+        if step % t.log_every == 0 or step == t.steps:
+            record = interval.record(cfg, dist, progress, batches, guard.events)
+            if tracker is not None:
+                tracker.log(record)
+                # (NaN shown when every update of a network in the interval was skipped: it has no loss then)
+                shown = {"d": record.get("d_loss_real", math.nan) + record.get("d_loss_fake", math.nan)}
+                shown["g"] = record.get("g_loss", math.nan)
+                bar.set_postfix(**{k: f"{v:.3f}" for k, v in shown.items()}, img_s=f"{record['images_per_s']:.0f}")
+            interval = Interval()
+        if bar is not None:
+            bar.update(1)
+        if (step % t.sample_every == 0 or step == t.steps) and tracker is not None:
+            with torch.no_grad(), autocast():
+                images = ema.module(fixed_z.to(dist.device), fixed_y.to(dist.device))
+            path = run_dir / "samples" / f"step-{step:08d}.png"
+            save_grid(images, path, nrow=SAMPLES_PER_CLASS)
+            tracker.log_image(step, "samples", path)
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            saved_step = _save(cfg, dist, state, step, guard)
+        if evaluation is not None and step % t.eval_every == 0:
+            evaluation(step)
+        # A stop request (signal or stop file, on any rank) ends the run here on every rank, after one checkpoint.
+        reason = stop.agreed(dist) if step < t.steps else None
+        if reason is not None:
+            if saved_step != step:
+                _save(cfg, dist, state, step, guard)
+            if stop.stop_file is not None:
+                stop.stop_file.unlink(missing_ok=True)  # consumed: a resumed run must not stop at once again
+            if bar is not None:
+                bar.close()
+            if tracker is not None:
+                tracker.finish(exit_code=EXIT_STOPPED, preempted=True)
+            return StoppedEarly(step, t.steps, reason)
+
+    if bar is not None:
+        bar.close()
+    if tracker is not None:
+        tracker.finish()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop's parts, each with explicit inputs.
+
+
+def _wrap(
+    cfg: Config,
+    dist: Dist,
+    masks: MaskManager,
+    modules: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
+    micro: int,
+) -> dict[str, Network]:
+    """G and D as the loop trains them: DDP, or DeepSpeed engines under a DeepSpeed launch (which copy the weights
+    into their fp32 master partitions now: fresh masks are in place before this, resumed weights reach the masters
+    when the optimizer state is loaded)."""
     nets: dict[str, Network] = {}
     if dist.uses_deepspeed:
         masks.attach_to_engine(
@@ -352,47 +267,35 @@ def training_loop(
                 [layer.param for layer in layers], [layer.fmask for layer in layers]
             ),
         )
-    for net, module, optimizer in (("G", G, opt_g), ("D", D, opt_d)):
-        nets[net] = dist.wrap(module, optimizer, micro_batch=micro, accumulation=t.accumulation)
-    if latest is not None:
-        nets["G"].load_optimizer_state(latest[1]["opt_g"])
-        nets["D"].load_optimizer_state(latest[1]["opt_d"])
-    G_net, D_net = nets["G"], nets["D"]
-    # Real images: a rank's slice of each global batch of the bundled data, or its own stream of the shards.
-    loader = None
-    if cfg.data.shards is not None:
-        saved = latest[1].get("data") if latest is not None else None
-        loader = ShardLoader(
-            shards,
-            seed=cfg.seed,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            workers=cfg.data.num_workers,
-            batch_size=micro,
-            resolution=cfg.model.resolution,
-            num_classes=cfg.model.n_classes,
-            resampled=cfg.data.resampled,
-            max_bad_fraction=cfg.data.max_bad_fraction,
-            state=_rank_data_state(saved, dist, cfg.data.num_workers, step),
-        )
-    else:
-        stream = IndexStream(len(data), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    if dist.world_size > 1 and cfg.train.cross_replica_bn:
+        plain = []  # a user's own G (model.builder) may hold torch's batch norm, which sees this rank's images only
+        for module in modules["G"][0].modules():  # after the EMA's copy of G, which must stay free of collectives
+            if isinstance(module, CrossReplicaBatchNorm2d):
+                module.sum_over_replicas = dist.sum_with_grad
+            elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                plain.append(type(module).__name__)
+        if plain and dist.is_main:
+            print(
+                f"sgtrain: warning: G's {plain[0]} normalises over each rank's images, not the global batch: use "
+                "sgtrain.models.layers.CrossReplicaBatchNorm2d for statistics over all ranks",
+                file=sys.stderr,
+                flush=True,
+            )
+    for net, (module, optimizer) in modules.items():
+        nets[net] = dist.wrap(module, optimizer, micro_batch=micro, accumulation=cfg.train.accumulation)
+    return nets
 
-    def real_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        if loader is not None:
-            return loader.next(dist.device)
-        index = stream.indices(position, micro_global)
-        return data.images[index], data.labels[index]
 
-    autocast = (
-        torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
-        if t.mixed_precision == "bf16"
-        else nullcontext()
-    )
-    fixed_z, fixed_y = sample_noise(cfg)
-    metrics_path = run_dir / METRICS_FILE
-    # metrics.jsonl (cut back to this step on a resume) and W&B when enabled, on rank 0. If W&B does not start there,
-    # every rank stops with rank 0's message instead of waiting for it in the first collective.
+def _autocast(cfg: Config, dist: Dist) -> Callable[[], Any]:
+    if cfg.train.mixed_precision == "bf16":
+        return lambda: torch.autocast(device_type=dist.device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def _start_tracking(cfg: Config, dist: Dist, step: int, micro: int, resources: ExitStack) -> Tracker | None:
+    """metrics.jsonl (cut back to this step on a resume) and W&B when enabled, on rank 0. If W&B does not start
+    there, every rank stops with rank 0's message instead of waiting for it in the first collective."""
+    t, run_dir = cfg.train, Path(cfg.run_dir)
     tracker, failure = None, None
     if dist.is_main:
         print(
@@ -414,247 +317,176 @@ def training_loop(
     if int(dist.all_reduce(torch.tensor([failure is not None], dtype=torch.int64), "max")):
         raise failure or ConfigError("experiment tracking did not start on rank 0 (its error says why)")
     dist.barrier()
+    return tracker
 
-    saved_step = step if latest is not None else -1
 
-    def save() -> None:
-        nonlocal saved_step
-        saved_step = step
-        # Under DeepSpeed the optimizer states are gathered from every rank's partition, and every rank's stream
-        # position is gathered too: all ranks take part.
-        optimizer_states = {"opt_g": G_net.optimizer_state(), "opt_d": D_net.optimizer_state()}
-        # Never a checkpoint with a NaN or Inf in it: every rank checks its copy (identical under DDP), so all agree.
-        tensors = [*G.state_dict().values(), *D.state_dict().values(), *ema.state_dict().values()]
-        for opt in optimizer_states.values():
-            tensors += [v for slot in opt["state"].values() for v in slot.values() if isinstance(v, torch.Tensor)]
-        if int(dist.all_reduce(_nonfinite_flag(tensors), "max")):
-            raise NonFiniteError(
-                f"the state of step {step} holds a NaN or Inf: its checkpoint is not written",
-                step=step,
-                events=nonfinite_events + 1,
-                rollback=t.nonfinite == "rollback" and nonfinite_events < t.max_nonfinite,
-            )
-        data_state = _gather_data_state(loader, dist) if loader is not None else None
-        if dist.is_main:
-            state = {
-                "step": step,
-                "position": position,
-                "flops": flops,
-                "G": G.state_dict(),
-                "D": D.state_dict(),
-                "ema": ema.state_dict(),
-                **optimizer_states,
-                "masks": masks.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
-                "config": config_to_dict(cfg),
-            }
-            if data_state is not None:
-                state["data"] = data_state
-            checkpoint.save_checkpoint(run_dir, step, state, keep=t.keep_checkpoints)
-        dist.barrier()
+class NonFiniteGuard:
+    """The step's finiteness check: whether every rank's losses and the network's gradients of this update are
+    finite (one tiny all-reduce). If not: skip the update (``train.nonfinite: skip``) or raise for a rollback,
+    within ``train.max_nonfinite`` events."""
 
-    def sample_grid() -> None:
-        if dist.is_main:
-            with torch.no_grad(), autocast:
-                images = ema.module(fixed_z.to(dist.device), fixed_y.to(dist.device))
-            path = run_dir / "samples" / f"step-{step:08d}.png"
-            save_grid(images, path, nrow=SAMPLES_PER_CLASS)
-            tracker.log_image(step, "samples", path)
+    def __init__(self, cfg: Config, dist: Dist, progress: Progress, *, events: int) -> None:
+        self.train, self.dist, self.progress, self.events = cfg.train, dist, progress, events
 
-    evaluator = None
-    if t.eval_every:
-        from sgtrain.metrics.evaluate import extractor_for
-
-        evaluator = extractor_for(cfg, device=dist.device)  # before any step: a missing Inception file stops here
-
-    def evaluate_and_keep_best() -> None:
-        from sgtrain.metrics.evaluate import evaluate_generator
-        from sgtrain.sampling import LoadedGenerator
-
-        path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
-        result = evaluate_generator(
-            LoadedGenerator(ema.module, cfg, step, path),
-            metrics=["fid", "kid", "is", "pr", "classes"],
-            num_samples=t.eval_samples,
-            truncation=None,
-            extractor=evaluator,
-            seed=cfg.seed,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            all_reduce=dist.all_reduce,
-            device=dist.device,
-        )
-        if dist.is_main:
-            keys = ("fid", "kid", "is", "precision", "recall", "classes_covered")
-            tracker.log({"step": step, **{f"eval/{k}": result[k] for k in keys if k in result}})
-            checkpoint.keep_best(run_dir, path, step, result[t.eval_metric], t.eval_metric, keep=t.keep_best)
-        dist.barrier()
-
-    # A run stopped (killed, or asked to stop) between writing an evaluation step's checkpoint and logging its
-    # evaluation does that evaluation now, so that no evaluation step goes missing from the log or the best list.
-    if evaluator is not None and latest is not None and step > 0 and step % t.eval_every == 0:
-        missing = torch.tensor([0 if dist.is_main and _has_eval_record(metrics_path, step) else 1], dtype=torch.int64)
-        if int(dist.all_reduce(missing, "min")):  # rank 0's answer: only it reads the log
-            evaluate_and_keep_best()
-
-    progress = None
-    if dist.is_main:
-        from tqdm import tqdm
-
-        progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, desc=run_dir.name)
-        resources.enter_context(progress)  # closed on a failure too, so an error message starts on its own line
-    sums: dict[str, torch.Tensor] = {}
-    applied = {"D": 0, "G": 0}  # optimizer steps taken per network in this log interval
-
-    def finite(net: str, losses: list[torch.Tensor], module: torch.nn.Module) -> bool:
-        """Whether every rank's losses and ``net``'s gradients of this update are finite (one tiny all-reduce).
-        If not: skip the update (``train.nonfinite: skip``) or raise for a rollback, within ``max_nonfinite``."""
-        nonlocal nonfinite_events
+    def __call__(self, net: str, losses: list[torch.Tensor], module: torch.nn.Module) -> bool:
         grads = [p.grad for p in module.parameters() if p.grad is not None]  # (none under DeepSpeed: the engine's)
-        if int(dist.all_reduce(_nonfinite_flag([torch.stack(losses).float(), *grads]), "max")) == 0:
+        if int(self.dist.all_reduce(nonfinite_flag([torch.stack(losses).float(), *grads]), "max")) == 0:
             return True
-        nonfinite_events += 1
+        t, step = self.train, self.progress.step + 1
+        self.events += 1
         # DeepSpeed has stepped inside backward already: only a rollback undoes it.
-        rollback = t.nonfinite == "rollback" or dist.uses_deepspeed
-        message = f"non-finite {net} loss or gradient at step {step + 1} ({nonfinite_events} of {t.max_nonfinite})"
-        if rollback or nonfinite_events > t.max_nonfinite:
+        rollback = t.nonfinite == "rollback" or self.dist.uses_deepspeed
+        message = f"non-finite {net} loss or gradient at step {step} ({self.events} of {t.max_nonfinite})"
+        if rollback or self.events > t.max_nonfinite:
             raise NonFiniteError(
-                message,
-                step=step + 1,
-                events=nonfinite_events,
-                rollback=rollback and nonfinite_events <= t.max_nonfinite,
+                message, step=step, events=self.events, rollback=rollback and self.events <= t.max_nonfinite
             )
-        if dist.is_main:
+        if self.dist.is_main:
             print(f"sgtrain: warning: {message}: that {net} update is skipped", file=sys.stderr, flush=True)
         module.zero_grad(set_to_none=True)
         return False
 
-    topology: dict[str, float] = {}
-    interval_start, interval_steps = time.perf_counter(), 0
 
-    while step < t.steps:
-        rng = step_generator(cfg.seed, step)
+def _float_tensors(value: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor in a nested checkpoint state."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _float_tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _float_tensors(v)]
+    return []
 
-        def latents() -> tuple[torch.Tensor, torch.Tensor]:
-            z = torch.randn(micro_global, cfg.model.dim_z, generator=rng)[mine]  # noqa: B023 (rng is this step's)
-            y = torch.randint(cfg.model.n_classes, (micro_global,), generator=rng)[mine]  # noqa: B023
-            return z.to(dist.device), y.to(dist.device)
 
-        # Update discriminator.
-        G.train()
-        D_net.forward.train()
-        for _ in range(t.d_steps):
-            D_net.zero_grad()
-            d_losses = []
-            for rnd in range(t.accumulation):
-                real, y_real = real_batch()
-                real, y_real = real.to(dist.device), y_real.to(dist.device)
-                position += micro_global
-                z, y_fake = latents()
-                with torch.no_grad(), autocast:
-                    fake = G(z, y_fake)
-                # One D pass over real and fake together, as BigGAN does: half the kernel launches.
-                with D_net.accumulating(last=rnd == t.accumulation - 1):
-                    with autocast:
-                        logits = D_net.forward(torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]))
-                        loss_real, loss_fake = d_hinge(logits[:micro], logits[micro:])
-                    D_net.backward((loss_real + loss_fake) / t.accumulation)  # (a DeepSpeed step: not under autocast)
-                d_losses.append(torch.stack([loss_real.detach(), loss_fake.detach()]) / t.accumulation)
-            if not finite("D", d_losses, D):
-                continue
-            d_loss = torch.stack(d_losses).sum(0)
-            sums["d_loss_real"] = sums.get("d_loss_real", 0.0) + d_loss[0]
-            sums["d_loss_fake"] = sums.get("d_loss_fake", 0.0) + d_loss[1]
-            applied["D"] += 1
-            masks.before_step("D")
-            D_net.optimizer_step()
-            masks.after_step("D")
+def _save(cfg: Config, dist: Dist, state: CheckpointIO, step: int, guard: NonFiniteGuard) -> int:
+    """Write the checkpoint of ``step`` (rank 0) and return the step. Every rank builds the state: DeepSpeed's
+    optimizer states and every rank's stream position are gathered."""
+    saved = state.state_dict()
+    # Never a checkpoint with a NaN or Inf in it: every rank checks its copy (identical under DDP), so all agree.
+    if int(dist.all_reduce(nonfinite_flag(_float_tensors(saved)), "max")):
+        t = cfg.train
+        raise NonFiniteError(
+            f"the state of step {step} holds a NaN or Inf: its checkpoint is not written",
+            step=step,
+            events=guard.events + 1,
+            rollback=t.nonfinite == "rollback" and guard.events < t.max_nonfinite,
+        )
+    if dist.is_main:
+        checkpoint.save_checkpoint(Path(cfg.run_dir), step, saved, keep=cfg.train.keep_checkpoints)
+    dist.barrier()
+    return step
 
-        # Update generator. D's parameters are frozen and D is called unwrapped, so this backward neither
-        # produces D gradients nor makes DDP (or a DeepSpeed engine) reduce them.
-        D.requires_grad_(False)
-        G_net.zero_grad()
-        g_losses = []
-        for rnd in range(t.accumulation):
-            z, y = latents()
-            with G_net.accumulating(last=rnd == t.accumulation - 1):
-                with autocast:
-                    g_loss = g_hinge(D(G_net.forward(z, y), y))
-                G_net.backward(g_loss / t.accumulation)
-            g_losses.append(g_loss.detach() / t.accumulation)
-        D.requires_grad_(True)
-        if finite("G", g_losses, G):
-            sums["g_loss"] = sums.get("g_loss", 0.0) + torch.stack(g_losses).sum()
-            applied["G"] += 1
-            masks.before_step("G")
-            G_net.optimizer_step()
-            masks.after_step("G")
-        step += 1
 
-        # Update EMA (sparse: masked with G's mask).
-        ema.update(G, step)
-        masks.after_ema(ema.module)
+class Evaluation:
+    """The EMA generator's metrics at an evaluation step, logged, and the best checkpoints kept (``run_dir/best``)."""
 
-        # Topology update.
-        changed = masks.maybe_update(step)
-        if changed:  # each masked layer's density too, after every update (W&B plots them per layer)
+    def __init__(self, cfg: Config, dist: Dist, ema: EMA, tracker: Tracker | None) -> None:
+        from sgtrain.metrics.evaluate import extractor_for
+
+        self.cfg, self.dist, self.ema, self.tracker = cfg, dist, ema, tracker
+        self.extractor = extractor_for(cfg, device=dist.device)  # before any step: a missing Inception file stops
+
+    def __call__(self, step: int) -> None:
+        from sgtrain.generators import LoadedGenerator
+        from sgtrain.metrics.evaluate import METRICS, RESULTS, evaluate_generator
+
+        t, run_dir = self.cfg.train, Path(self.cfg.run_dir)
+        path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
+        result = evaluate_generator(
+            LoadedGenerator(self.ema.module, self.cfg, step, path),
+            metrics=METRICS,
+            num_samples=t.eval_samples,
+            truncation=None,
+            extractor=self.extractor,
+            seed=self.cfg.seed,
+            comm=self.dist,
+            device=self.dist.device,
+        )
+        if self.tracker is not None:
+            self.tracker.log({"step": step, **{f"eval/{k}": result[k] for k in RESULTS if k in result}})
+            checkpoint.keep_best(run_dir, path, step, result[t.eval_metric], t.eval_metric, keep=t.keep_best)
+        self.dist.barrier()
+
+    def if_missing(self, step: int) -> None:
+        """Evaluate ``step`` unless the metrics log holds its evaluation (rank 0 reads the log; all ranks follow)."""
+        logged = self.dist.is_main and _has_eval_record(Path(self.cfg.run_dir) / METRICS_FILE, step)
+        if int(self.dist.all_reduce(torch.tensor([0 if logged else 1], dtype=torch.int64), "min")):
+            self(step)
+
+
+def _has_eval_record(path: Path, step: int) -> bool:
+    """Whether the metrics log holds the evaluation of ``step``."""
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line else {}
+        if record.get("step") == step and any(key.startswith("eval/") for key in record):
+            return True
+    return False
+
+
+def _iteration_flops(
+    cfg: Config, report: dict[str, Any], g_densities: dict[str, float], d_densities: dict[str, float]
+) -> float:
+    """Training FLOPs of one G iteration (with its D steps) at the given layer densities (sgtrain.flops conventions)."""
+    return layers_iteration_flops(
+        report["G"]["layers"],
+        report["D"]["layers"],
+        g_densities,
+        d_densities,
+        batch_size=cfg.train.batch_size,
+        d_steps=cfg.train.d_steps,
+        dense_weight_grads=dense_weight_gradients(cfg.sparse),
+    )
+
+
+@dataclass
+class Interval:
+    """The sums of one logging interval: losses of the updates applied, the latest topology update's figures."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    applied: dict[str, int] = field(default_factory=lambda: {"D": 0, "G": 0})  # optimizer steps per network
+    topology: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, result: StepResult, masks: MaskManager) -> None:
+        self.steps += 1
+        for d_loss in result.d_losses:
+            self.sums["d_loss_real"] = self.sums.get("d_loss_real", 0.0) + d_loss[0]
+            self.sums["d_loss_fake"] = self.sums.get("d_loss_fake", 0.0) + d_loss[1]
+        self.applied["D"] += len(result.d_losses)
+        if result.g_loss is not None:
+            self.sums["g_loss"] = self.sums.get("g_loss", 0.0) + result.g_loss
+            self.applied["G"] += 1
+        if result.topology:  # each masked layer's density too, after every update (W&B plots them per layer)
+            self.topology.update(result.topology)
             for net in ("G", "D"):
-                changed.update({f"sparse/{net}/{name}": d for name, d in masks.layer_densities(net).items()})
-        topology.update(changed)
+                self.topology.update({f"sparse/{net}/{name}": d for name, d in masks.layer_densities(net).items()})
 
-        # Maintenance.
-        flops["dense"] += dense_iteration
-        flops["sparse"] += _iteration_flops(cfg, layer_flops, masks.layer_densities("G"), masks.layer_densities("D"))
-        interval_steps += 1
-        if step % t.log_every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - interval_start
-            record: dict[str, Any] = {"step": step, "images_seen": position, "train_flops": flops["sparse"]}
-            record["world_size"] = dist.world_size
-            record["train_flops_vs_dense"] = flops["sparse"] / flops["dense"]
-            for name, total in sums.items():  # means over the updates applied (skipped ones have no loss)
-                record[name] = float(dist.mean(total)) / applied["D" if name.startswith("d_") else "G"]
-            if nonfinite_events:
-                record["nonfinite/events"] = nonfinite_events
-            record["images_per_s"] = interval_steps * t.d_steps * t.batch_size / max(elapsed, 1e-9)
-            if loader is not None:  # corrupt samples skipped so far, all ranks
-                record["data/bad_samples"] = int(dist.all_reduce(torch.tensor([loader.bad]), "sum"))
-            record.update(topology)  # the latest topology update's figures, once
-            topology = {}
-            if not all(math.isfinite(v) for v in record.values()):  # a safety net: steps check their own values
-                raise NonFiniteError(
-                    f"non-finite metrics at step {step}: {record}", step=step, events=0, rollback=False
-                )
-            if dist.is_main:
-                tracker.log(record)
-                # (NaN shown when every update of a network in the interval was skipped: it has no loss then)
-                shown = {"d": record.get("d_loss_real", math.nan) + record.get("d_loss_fake", math.nan)}
-                shown["g"] = record.get("g_loss", math.nan)
-                progress.set_postfix(**{k: f"{v:.3f}" for k, v in shown.items()}, img_s=f"{record['images_per_s']:.0f}")
-            sums, interval_start, interval_steps = {}, time.perf_counter(), 0
-            applied = {"D": 0, "G": 0}
-        if progress is not None:
-            progress.update(1)
-        if step % t.sample_every == 0 or step == t.steps:
-            sample_grid()
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            save()
-        if t.eval_every and step % t.eval_every == 0:
-            evaluate_and_keep_best()
-        # A stop request (signal or stop file, on any rank) ends the run here on every rank, after one checkpoint.
-        reason = stop.agreed(dist.all_reduce) if step < t.steps else None
-        if reason is not None:
-            if saved_step != step:
-                save()
-            if stop.stop_file is not None:
-                stop.stop_file.unlink(missing_ok=True)  # consumed: a resumed run must not stop at once again
-            if progress is not None:
-                progress.close()
-            if tracker is not None:
-                tracker.finish(exit_code=EXIT_STOPPED, preempted=True)
-            return StoppedEarly(step, t.steps, reason)
-
-    if progress is not None:
-        progress.close()
-    if tracker is not None:
-        tracker.finish()
-    return None
+    def record(
+        self, cfg: Config, dist: Dist, progress: Progress, batches: BatchSource, nonfinite_events: int
+    ) -> dict[str, Any]:
+        """The interval's metrics.jsonl record (every rank calls it: the losses are averaged over ranks)."""
+        elapsed = time.perf_counter() - self.start
+        flops = progress.flops
+        record: dict[str, Any] = {
+            "step": progress.step,
+            "images_seen": batches.position,
+            "train_flops": flops["sparse"],
+        }
+        record["world_size"] = dist.world_size
+        record["train_flops_vs_dense"] = flops["sparse"] / flops["dense"]
+        for name, total in self.sums.items():  # means over the updates applied (skipped ones have no loss)
+            record[name] = float(dist.mean(total)) / self.applied["D" if name.startswith("d_") else "G"]
+        if nonfinite_events:
+            record["nonfinite/events"] = nonfinite_events
+        record["images_per_s"] = self.steps * cfg.train.d_steps * cfg.train.batch_size / max(elapsed, 1e-9)
+        if batches.bad is not None:  # corrupt samples skipped so far, all ranks
+            record["data/bad_samples"] = int(dist.all_reduce(torch.tensor([batches.bad]), "sum"))
+        record.update(self.topology)  # the latest topology update's figures, once
+        if not all(math.isfinite(v) for v in record.values()):  # a safety net: steps check their own values
+            raise NonFiniteError(
+                f"non-finite metrics at step {progress.step}: {record}", step=progress.step, events=0, rollback=False
+            )
+        return record

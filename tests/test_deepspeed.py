@@ -21,9 +21,9 @@ from test_distributed import ROOT, STU, _final_state, _train, tiny
 
 from sgtrain.config import ConfigError, config_from_dict
 from sgtrain.dist import deepspeed_config_from_env
+from sgtrain.models.build import build_models
 from sgtrain.sparse import MaskManager
 from sgtrain.sparse.topology import unpack_mask
-from sgtrain.train import build_models
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[test]' installs it)")
 
@@ -124,7 +124,8 @@ def test_zero2_keeps_masks_exact(tmp_path: Path, mode: str) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert len(ranks[0]["updates"]) == 4 and ranks[0]["updates"] == ranks[1]["updates"]
     state = _final_state(tmp_path / "run")
-    G, D = build_models(config_from_dict(cfg))
+    config = config_from_dict(cfg)
+    G, D = build_models(config.model, config.seed)
     names = {"G": [n for n, _ in G.named_parameters()], "D": [n for n, _ in D.named_parameters()]}  # Adam's order
     changed = warm = 0
     for key, entry in state["masks"]["layers"].items():

@@ -1,4 +1,4 @@
-"""Data-parallel training on 2 real processes over gloo (issue 4's acceptance; DESIGN.md invariant 4).
+"""Data-parallel training on 2 real processes over gloo (issue 4's acceptance; docs/design.md, invariant 4).
 
 Every test here starts real processes that join one process group through ``sgtrain.dist.Dist`` (as under
 ``accelerate launch``), and checks what the ranks did against an independent single-process computation.
@@ -20,10 +20,12 @@ from multiprocess import assert_all_succeeded, run_ranks
 from sgtrain import checkpoint
 from sgtrain.config import config_from_dict, config_to_dict, load_config
 from sgtrain.dist import Dist
+from sgtrain.parts import build_training
 from sgtrain.sparse import MaskManager
 from sgtrain.sparse.sync import assign_owners
 from sgtrain.sparse.topology import mask_checksum
-from sgtrain.train import build_training, training_loop
+from sgtrain.step import GanStep, StepResult
+from sgtrain.train import Hooks, training_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -52,35 +54,51 @@ def _final_state(run_dir: Path) -> dict[str, Any]:
 # Workers: module-level functions, so that spawned processes can import them.
 
 
+class _RecordingBatches:
+    """A batch source that records the sample indices it serves (in-memory data), then serves them."""
+
+    def __init__(self, source: Any, indices: list[int]) -> None:
+        self.source, self.indices = source, indices
+
+    @property
+    def position(self) -> int:
+        return self.source.position
+
+    @property
+    def bad(self) -> int | None:
+        return self.source.bad
+
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        self.indices.extend(self.source.stream.indices(self.source.position, self.source.global_batch).tolist())
+        return self.source.next(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+
 def _train(rank: int, cfg_dict: dict[str, Any], record_dir: str | None) -> None:
     """Run the training loop on this rank; with ``record_dir``, record every mask checksum after every topology
     update and the sample indices this rank read, independently of the manager's own check."""
-    import sgtrain.train as train_module
-
     cfg = config_from_dict(cfg_dict)
     records: dict[str, Any] = {"updates": [], "indices": []}
+    hooks = Hooks()
     if record_dir is not None:
-        real_update = MaskManager.maybe_update
-        real_indices = train_module.IndexStream.indices
 
-        def maybe_update(self: MaskManager, step: int) -> dict[str, float]:
-            metrics = real_update(self, step)
-            if metrics:
+        def after_iteration(step: int, gan: GanStep, result: StepResult) -> None:
+            if result.topology:
                 records["updates"].append(
-                    {f"{l.net}.{l.name}": mask_checksum(l.mask) for l in self._all_layers()}  # noqa: E741
+                    {f"{l.net}.{l.name}": mask_checksum(l.mask) for l in gan.masks._all_layers()}  # noqa: E741
                 )
-            return metrics
 
-        def indices(self: Any, position: int, global_batch: int) -> torch.Tensor:
-            out = real_indices(self, position, global_batch)
-            records["indices"].extend(out.tolist())
-            return out
-
-        MaskManager.maybe_update = maybe_update  # type: ignore[method-assign]
-        train_module.IndexStream.indices = indices  # type: ignore[method-assign]
+        hooks = Hooks(
+            batches=lambda source: _RecordingBatches(source, records["indices"]), after_iteration=after_iteration
+        )
     dist = Dist()
     try:
-        training_loop(cfg, dist)
+        training_loop(cfg, dist, hooks=hooks)
     finally:
         dist.shutdown()
     if record_dir is not None:

@@ -81,9 +81,7 @@ def _evaluate_worker(rank: int, run: str, out_dir: str) -> None:
 
     dist = Dist()
     try:
-        result = evaluate_run(
-            run, num_samples=300, rank=dist.rank, world_size=dist.world_size, all_reduce=dist.all_reduce
-        )
+        result = evaluate_run(run, num_samples=300, comm=dist)
     finally:
         dist.shutdown()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))

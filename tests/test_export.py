@@ -15,17 +15,11 @@ from safetensors.torch import save_file
 
 from sgtrain import checkpoint
 from sgtrain.__main__ import main
+from sgtrain.codec import FORMAT, rice_bits, rice_decode, rice_encode
 from sgtrain.config import ConfigError, load_config
-from sgtrain.export import (
-    FORMAT,
-    export_generator,
-    load_exported,
-    read_exported,
-    rice_bits,
-    rice_decode,
-    rice_encode,
-)
-from sgtrain.sampling import class_grid, generate, load_generator
+from sgtrain.export import export_generator
+from sgtrain.generators import load_exported, load_generator, read_exported
+from sgtrain.sampling import class_grid, generate
 from sgtrain.sparse.topology import random_mask, unpack_mask
 from sgtrain.train import train
 

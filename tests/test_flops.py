@@ -19,7 +19,7 @@ from sgtrain.flops import (
     network_flops,
 )
 from sgtrain.models import SelfAttention
-from sgtrain.train import build_models
+from sgtrain.models.build import build_models
 
 TINY = {"model.g_ch": 4, "model.d_ch": 4, "model.dim_z": 20, "model.shared_dim": 8}
 
@@ -109,7 +109,8 @@ def test_gan_iteration_formula() -> None:
 
 
 def test_cifar10_generator_counts_and_restores_modes() -> None:
-    generator, _ = build_models(load_config("cifar10.yaml"))
+    cifar = load_config("cifar10.yaml")
+    generator, _ = build_models(cifar.model, cifar.seed)
     generator.train()
     generator.blocks[1].bn1.eval()  # a mixed state must come back as it was, not as "all train"
     state = {k: v.clone() for k, v in generator.state_dict().items()}
@@ -162,7 +163,7 @@ def _conv_output_positions(module: nn.Module, *inputs: torch.Tensor) -> list[tup
 
 def test_flops_report_tiny_is_json_and_sparse_is_cheaper() -> None:
     cfg = load_config(None, TINY)
-    generator, discriminator = build_models(cfg)
+    generator, discriminator = build_models(cfg.model, cfg.seed)
     m = cfg.model
     kwargs = dict(resolution=m.resolution, n_classes=m.n_classes, dim_z=m.dim_z, batch_size=8, d_steps=2)
     dense = flops_report(generator, discriminator, **kwargs)

@@ -23,12 +23,12 @@ import torch
 from multiprocess import run_ranks
 from test_stream import write_shards
 
-import sgtrain.train as train_module
 from sgtrain import checkpoint
 from sgtrain.__main__ import main
 from sgtrain.checkpoint import CheckpointError
+from sgtrain.losses import HINGE, GanLoss
 from sgtrain.stopping import NonFiniteError
-from sgtrain.train import train
+from sgtrain.train import Hooks, train
 
 TINY_ARGS = ["--model.g_ch=4", "--model.d_ch=4", "--model.dim_z=20", "--model.shared_dim=8", "--train.batch_size=8"]
 # The embedded default (STU-GAN, half-dense G and D), tiny, in memory, every step logged, checkpoints every 2 steps.
@@ -256,12 +256,14 @@ def _all_finite(state: dict[str, Any]) -> bool:
 
 @pytest.mark.parametrize(("net", "value"), [("G", float("nan")), ("D", float("inf"))])
 def test_skip_drops_the_update_with_a_non_finite_loss_and_logs_it(
-    tiny_config, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], net: str, value: float
+    tiny_config, capsys: pytest.CaptureFixture[str], net: str, value: float
 ) -> None:
-    name = "g_hinge" if net == "G" else "d_hinge"
-    monkeypatch.setattr(train_module, name, _poisoned(getattr(train_module, name), calls={3}, value=value))
+    if net == "G":
+        losses = GanLoss(HINGE.discriminator, _poisoned(HINGE.generator, calls={3}, value=value))
+    else:
+        losses = GanLoss(_poisoned(HINGE.discriminator, calls={3}, value=value), HINGE.generator)
     cfg = tiny_config(train__steps=5, train__checkpoint_every=1, train__nonfinite="skip")
-    run_dir = train(cfg)
+    run_dir = train(cfg, hooks=Hooks(losses=losses))
     assert f"non-finite {net} loss or gradient at step 3 (1 of 10): that {net} update is skipped" in (
         capsys.readouterr().err
     )
@@ -276,14 +278,14 @@ def test_skip_drops_the_update_with_a_non_finite_loss_and_logs_it(
 
 
 def test_rollback_after_a_transient_nan_ends_where_an_uninterrupted_run_does(
-    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, assert_trees_equal
+    tiny_config, tmp_path: Path, assert_trees_equal
 ) -> None:
     common = {"train__steps": 6, "train__checkpoint_every": 2, "sparse__method": "stu", "sparse__update_every": 2}
     common |= {"sparse__density_g": 0.5, "sparse__density_d": 0.5, "train__ema_start": 1}
     straight = train(tiny_config(tmp_path / "straight", **common))
     # The 5th G loss is NaN once: the run rolls back to step 4 and replays step 5 without it.
-    monkeypatch.setattr(train_module, "g_hinge", _poisoned(train_module.g_hinge, calls={5}))
-    rolled = train(tiny_config(tmp_path / "rolled", train__nonfinite="rollback", **common))
+    poisoned = Hooks(losses=GanLoss(HINGE.discriminator, _poisoned(HINGE.generator, calls={5})))
+    rolled = train(tiny_config(tmp_path / "rolled", train__nonfinite="rollback", **common), hooks=poisoned)
     a, b = _final(rolled), _final(straight)
     for key in ("step", "position", "G", "D", "ema", "opt_g", "opt_d", "masks"):
         assert_trees_equal(a[key], b[key], key)
@@ -292,23 +294,23 @@ def test_rollback_after_a_transient_nan_ends_where_an_uninterrupted_run_does(
     assert [r.get("nonfinite/events", 0) for r in records] == [0, 0, 0, 0, 1, 1]
 
 
-def test_a_nan_that_comes_back_after_a_rollback_stops_the_run_without_a_checkpoint_of_it(
-    tiny_config, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(train_module, "g_hinge", _poisoned(train_module.g_hinge, after=2))
+def test_a_nan_that_comes_back_after_a_rollback_stops_the_run_without_a_checkpoint_of_it(tiny_config) -> None:
+    poisoned = Hooks(losses=GanLoss(HINGE.discriminator, _poisoned(HINGE.generator, after=2)))
     cfg = tiny_config(train__steps=6, train__checkpoint_every=2, train__nonfinite="rollback")
     with pytest.raises(NonFiniteError, match=r"at step 3 .*came back at the same step after a rollback"):
-        train(cfg)
+        train(cfg, hooks=poisoned)
     assert [p.name for p in checkpoint.list_checkpoints(cfg.run_dir)] == ["step-00000002.pt"]
 
 
 def test_skipping_stops_past_max_nonfinite_with_exit_4(tmp_path: Path) -> None:
     code = (
-        "import sys, sgtrain.train as t\n"
-        "real = t.g_hinge\n"
-        "t.g_hinge = lambda *a: real(*a) * float('nan') if a[0].shape[0] else real(*a)\n"
-        "from sgtrain.__main__ import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
+        "import sys\n"
+        "from sgtrain.__main__ import run_guarded, train_config\n"
+        "from sgtrain.losses import HINGE, GanLoss\n"
+        "from sgtrain.train import Hooks, train\n"
+        "nan = GanLoss(HINGE.discriminator, lambda *a: HINGE.generator(*a) * float('nan'))\n"
+        "cfg = train_config(sys.argv[1:])\n"
+        "sys.exit(run_guarded(lambda: train(cfg, hooks=Hooks(losses=nan))))\n"
     )
     args = [*TINY_ARGS, "--data.shards=null", "--train.steps=10", "--train.max_nonfinite=3"]
     args += [f"--run_dir={tmp_path / 'run'}", "--train.checkpoint_every=1"]
@@ -319,18 +321,14 @@ def test_skipping_stops_past_max_nonfinite_with_exit_4(tmp_path: Path) -> None:
         assert _all_finite(checkpoint.load_checkpoint(path))
 
 
-def test_a_checkpoint_with_a_nan_in_it_is_never_written(tiny_config, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_update = train_module.EMA.update
-
-    def update(self: Any, source: Any, step: int) -> None:
-        real_update(self, source, step)
+def test_a_checkpoint_with_a_nan_in_it_is_never_written(tiny_config) -> None:
+    def poison_ema(step: int, gan: Any, result: Any) -> None:
         if step == 4:  # a NaN that no loss or gradient showed: straight into the EMA's weights
-            next(iter(self.module.parameters())).data[0] = float("nan")
+            next(iter(gan.ema.module.parameters())).data[0] = float("nan")
 
-    monkeypatch.setattr(train_module.EMA, "update", update)
     cfg = tiny_config(train__steps=6, train__checkpoint_every=2)
     with pytest.raises(NonFiniteError, match="the state of step 4 holds a NaN or Inf: its checkpoint is not written"):
-        train(cfg)
+        train(cfg, hooks=Hooks(after_iteration=poison_ema))
     assert [p.name for p in checkpoint.list_checkpoints(cfg.run_dir)] == ["step-00000002.pt"]
 
 
@@ -341,20 +339,20 @@ def test_a_checkpoint_with_a_nan_in_it_is_never_written(tiny_config, monkeypatch
 def _rank_one_dies(rank: int, cfg_dict: dict[str, Any], out_dir: str) -> None:
     from sgtrain.config import config_from_dict
 
+    hooks = Hooks()
     if rank == 1:  # rank 1 vanishes at its 3rd G loss, as a process killed by the OOM killer would
-        real = train_module.g_hinge
         count = {"n": 0}
 
         def dying(*args: Any) -> Any:
             count["n"] += 1
             if count["n"] == 3:
                 os._exit(9)
-            return real(*args)
+            return HINGE.generator(*args)
 
-        train_module.g_hinge = dying
+        hooks = Hooks(losses=GanLoss(HINGE.discriminator, dying))
     started = time.monotonic()
     try:
-        train(config_from_dict(cfg_dict))
+        train(config_from_dict(cfg_dict), hooks=hooks)
     finally:
         Path(out_dir, f"rank{rank}.txt").write_text(str(time.monotonic() - started))
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sgtrain.sampling import generate, latents, load_generator, rank_indices, standing_statistics, truncated_normal
+from sgtrain.generators import load_generator
+from sgtrain.sampling import generate, latents, rank_indices, standing_statistics, truncated_normal
 from sgtrain.train import train
 
 

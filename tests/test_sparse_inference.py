@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sgtrain.parts import build_training
 from sgtrain.sparse_inference import DenseConv2d, SparseConv2d, SparseLinear, compile_sparse
-from sgtrain.train import build_training
 
 
 def _sparse_generator(tiny_config, density: float) -> torch.nn.Module:

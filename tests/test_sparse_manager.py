@@ -1,4 +1,4 @@
-"""The mask manager driven exactly as the training loop drives it (DESIGN.md, "The method" and "Invariants").
+"""The mask manager driven exactly as the training loop drives it (docs/design.md, "The sparse core" and "Invariants").
 
 A :class:`Harness` builds the tiny BigGAN pair, BigGAN's Adam (betas 0, 0.999), an EMA and a ``MaskManager``, and
 runs real hinge-loss GAN steps on random data: a D step, then a G step with D frozen, with
@@ -24,13 +24,14 @@ from torch import nn
 from sgtrain import checkpoint
 from sgtrain.config import Config, ConfigError, load_config
 from sgtrain.ema import EMA
-from sgtrain.losses import d_hinge, g_hinge
+from sgtrain.models.build import build_models
 from sgtrain.models.layers import ConditionalBatchNorm2d
 from sgtrain.sparse.distribution import active_counts, layer_densities
 from sgtrain.sparse.manager import GRAD_MOMENTUM, MaskManager, masked_parameters
 from sgtrain.sparse.schedule import gmp_density
 from sgtrain.sparse.topology import layer_seed, random_scores, unpack_mask
-from sgtrain.train import build_models, train
+from sgtrain.step import GanStep, LocalNetwork
+from sgtrain.train import train
 
 TINY_MODEL = {"model.g_ch": 4, "model.d_ch": 4, "model.dim_z": 20, "model.shared_dim": 8}
 NETS = ("G", "D")
@@ -95,7 +96,7 @@ class Harness:
         **sparse: Any,
     ) -> None:
         self.cfg = make_config(model_seed, **sparse)
-        self.G, self.D = build_models(self.cfg)
+        self.G, self.D = build_models(self.cfg.model, self.cfg.seed)
         self.opt = {
             "G": torch.optim.Adam(self.G.parameters(), lr=LR, betas=(0.0, 0.999), eps=1e-6),
             "D": torch.optim.Adam(self.D.parameters(), lr=LR, betas=(0.0, 0.999), eps=1e-6),
@@ -135,11 +136,6 @@ class Harness:
             layer.name: layer.param.grad.clone() for layer in self.masks.layers[net] if layer.param.grad is not None
         }
 
-    def _optimizer_step(self, net: str) -> None:
-        self.masks.before_step(net)
-        self.opt[net].step()
-        self.masks.after_step(net)
-
     def train_step(self) -> StepRecord:
         # The data depend on the step only (never on the manager's seed or the global RNG).
         gen = torch.Generator().manual_seed(1000 + self.step)
@@ -147,37 +143,32 @@ class Harness:
         y_real = torch.randint(10, (BATCH,), generator=gen)
         z, y_fake = torch.randn(BATCH, 20, generator=gen), torch.randint(10, (BATCH,), generator=gen)
         z_g, y_g = torch.randn(BATCH, 20, generator=gen), torch.randint(10, (BATCH,), generator=gen)
-        G, D = self.G, self.D
-        G.train()
-        D.train()
-        grads = {}
+        latents = iter([(z, y_fake), (z_g, y_g)])
+        grads: dict[str, dict[str, torch.Tensor]] = {}
+        seen: dict[str, Any] = {}
 
-        # Discriminator step: one pass over real and fake, as train.py does.
-        self.opt["D"].zero_grad(set_to_none=True)
-        with torch.no_grad():
-            fake = G(z, y_fake)
-        logits = D(torch.cat([real, fake]), torch.cat([y_real, y_fake]))
-        loss_real, loss_fake = d_hinge(logits[:BATCH], logits[BATCH:])
-        (loss_real + loss_fake).backward()
-        grads["D"] = self._grads("D")
-        self._optimizer_step("D")
+        def probe(event: str) -> None:
+            if event in NETS:  # the network's gradients, before the masks see them
+                grads[event] = self._grads(event)
+                return
+            # Before the topology update.
+            ema_params = dict(self.ema.module.named_parameters())
+            seen["ema"] = {layer.name: ema_params[f"{layer.name}.weight"].clone() for layer in self.masks.layers["G"]}
+            seen["weights"], seen["masks"], seen["moments"] = self.weight_tree(), self.mask_tree(), self.moment_tree()
 
-        # Generator step with D frozen.
-        D.requires_grad_(False)
-        self.opt["G"].zero_grad(set_to_none=True)
-        g_hinge(D(G(z_g, y_g), y_g)).backward()
-        D.requires_grad_(True)
-        grads["G"] = self._grads("G")
-        self._optimizer_step("G")
+        # The training loop's own iteration: D step on real and fake, G step with D frozen, EMA, topology update.
+        gan = GanStep(
+            G=LocalNetwork(self.G, self.opt["G"]),
+            D=LocalNetwork(self.D, self.opt["D"]),
+            masks=self.masks,
+            ema=self.ema,
+            probe=probe,
+        )
+        result = gan(self.step, lambda: (real, y_real), lambda: next(latents))
         self.step += 1
-
-        self.ema.update(G, self.step)
-        self.masks.after_ema(self.ema.module)
-        ema_params = dict(self.ema.module.named_parameters())
-        ema = {layer.name: ema_params[f"{layer.name}.weight"].clone() for layer in self.masks.layers["G"]}
-        weights, masks, moments = self.weight_tree(), self.mask_tree(), self.moment_tree()
-        metrics = self.masks.maybe_update(self.step)
-        return StepRecord(self.step, grads, weights, masks, ema, metrics, moments)
+        return StepRecord(
+            self.step, grads, seen["weights"], seen["masks"], seen["ema"], result.topology, seen["moments"]
+        )
 
     def moment_tree(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
         return {
@@ -269,7 +260,7 @@ def test_initial_masks_hold_exact_counts(method: str, distribution: str) -> None
 
 def test_masks_cover_conv_and_linear_weights_but_no_embedding_bias_or_norm() -> None:
     h = Harness(method="static")
-    fresh_g, fresh_d = build_models(h.cfg)
+    fresh_g, fresh_d = build_models(h.cfg.model, h.cfg.seed)
     for net, fresh in (("G", fresh_g), ("D", fresh_d)):
         module = h.module(net)
         assert [layer.name for layer in h.masks.layers[net]] == MASKED[net]
@@ -694,7 +685,8 @@ def test_gmp_prunes_from_dense_along_the_cubic_schedule(distribution: str) -> No
 @pytest.fixture
 def dense_checkpoint(tmp_path: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
     """A dense G and D (other init seed than the harness) saved as a run directory's checkpoint."""
-    G, D = build_models(load_config(None, {**TINY_MODEL, "seed": 5}))
+    tiny = load_config(None, {**TINY_MODEL, "seed": 5})
+    G, D = build_models(tiny.model, tiny.seed)
     state = {"G": G.state_dict(), "D": D.state_dict()}
     checkpoint.save_checkpoint(tmp_path / "dense", 7, state, keep=1)
     return tmp_path / "dense", {net: {k: v.clone() for k, v in state[net].items()} for net in NETS}
@@ -748,7 +740,8 @@ def test_prune_finetune_without_a_checkpoint_is_a_config_error(tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"sparse\.prune_from: no checkpoint in .*empty"):
         Harness(method="prune_finetune", prune_from=str(tmp_path / "empty"))
     # A checkpoint of another model is refused too, naming the network.
-    G, D = build_models(load_config(None, {"model.g_ch": 8}))
+    wide = load_config(None, {"model.g_ch": 8})
+    G, D = build_models(wide.model, wide.seed)
     checkpoint.save_checkpoint(tmp_path / "other", 1, {"G": G.state_dict(), "D": D.state_dict()}, keep=1)
     with pytest.raises(ConfigError, match=r"does not hold this model's G"):
         Harness(method="prune_finetune", prune_from=str(tmp_path / "other"))
@@ -758,13 +751,13 @@ def test_prune_finetune_needs_the_dense_weights_from_the_setup(dense_checkpoint)
     # The manager never reads checkpoints: the training setup reads sparse.prune_from and hands the weights over.
     run_dir, _ = dense_checkpoint
     cfg = make_config(method="prune_finetune", prune_from=str(run_dir))
-    G, D = build_models(cfg)
+    G, D = build_models(cfg.model, cfg.seed)
     masks = MaskManager(cfg.sparse, generator=G, discriminator=D, optimizers={}, total_steps=4, seed=0)
     assert masks.wants_dense_weights
     with pytest.raises(ConfigError, match=r"prunes a dense checkpoint.*read_pretrained"):
         masks.initialize()
     static = make_config(method="static")
-    G, D = build_models(static)
+    G, D = build_models(static.model, static.seed)
     masks = MaskManager(static.sparse, generator=G, discriminator=D, optimizers={}, total_steps=4, seed=0)
     assert not masks.wants_dense_weights
     with pytest.raises(ValueError, match="does not start from dense weights"):
@@ -978,7 +971,8 @@ def test_default_config_sparse_run_resumed_halfway_ends_with_the_same_masks_and_
         )
 
     final = _split_equals_straight(make, tmp_path, monkeypatch, 10, assert_trees_equal)
-    G, D = build_models(make(tmp_path / "x"))
+    made = make(tmp_path / "x")
+    G, D = build_models(made.model, made.seed)
     for net, module in (("G", G), ("D", D)):
         masked = masked_parameters(module, make(tmp_path / "x").sparse.targets)  # the default: conv weights only
         total = sum(p.numel() for _, p in masked)

@@ -14,7 +14,8 @@ import torch
 from sgtrain import checkpoint
 from sgtrain.checkpoint import CheckpointError
 from sgtrain.config import ConfigError
-from sgtrain.train import build_models, train
+from sgtrain.models.build import build_models
+from sgtrain.train import train
 
 
 def _last_state(run_dir: Path) -> dict:
@@ -27,7 +28,7 @@ def test_one_step_changes_g_d_and_ema_as_expected(tiny_config, ema_buffers: str)
     cfg = tiny_config(
         train__steps=1, train__d_steps=2, train__ema_start=0, train__ema_decay=0.9, train__ema_buffers=ema_buffers
     )
-    G0, D0 = build_models(cfg)
+    G0, D0 = build_models(cfg.model, cfg.seed)
     train(cfg)
     state = _last_state(Path(cfg.run_dir))
     assert state["step"] == 1
@@ -94,7 +95,7 @@ def test_save_load_round_trip_is_identical(tiny_config, tmp_path: Path, assert_t
     again = checkpoint.load_checkpoint(checkpoint.list_checkpoints(tmp_path / "copy")[-1])
     assert_trees_equal(state, again)
     # And through the modules: loading the state into fresh models gives back the same tensors.
-    G, D = build_models(cfg)
+    G, D = build_models(cfg.model, cfg.seed)
     G.load_state_dict(state["G"])
     D.load_state_dict(state["D"])
     assert_trees_equal(G.state_dict(), state["G"])
@@ -230,5 +231,5 @@ def test_shipped_configs_build_the_published_models(name: str, g_params: int, d_
     from sgtrain.models import count_parameters
 
     cfg = load_config(name, {"model.init": "N02"})  # the count does not depend on init; ortho's QR costs ~9 s
-    G, D = build_models(cfg)
+    G, D = build_models(cfg.model, cfg.seed)
     assert (count_parameters(G), count_parameters(D)) == (g_params, d_params)

@@ -78,9 +78,9 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from sgtrain.comm import Comm, LocalComm
 from sgtrain.config import Config, load_config
 from sgtrain.sparse import MaskManager, masked_parameters
-from sgtrain.sparse.sync import Comm, LocalComm
 from sgtrain.sparse.topology import mask_checksum
 from sgtrain.train import build_models
 

@@ -224,6 +224,7 @@ def make_shards(
     workers: int | None = None,
     quality: int = 95,
     progress: bool = True,
+    final: str | Path | None = None,
 ) -> dict:
     """Preprocess ``source`` to ``resolution`` px RGB and write it as tar shards in ``out``; the manifest.
 
@@ -304,7 +305,7 @@ def make_shards(
 
     print(
         f"make-shards: {num_samples} samples in {len(shards)} shards, {len(classes)} classes, "
-        f"{len(skipped)} skipped -> {out}"
+        f"{len(skipped)} skipped -> {final or out}"  # final: where a scratch directory is renamed to
     )
     for entry in skipped[:_MAX_LISTED]:
         print(f"  skipped {entry['path']}: {entry['error']}", file=sys.stderr)
@@ -337,6 +338,7 @@ def bundled_shards(name: str, resolution: int, cache: str | Path | None = None) 
         image_format="png",
         workers=1,
         progress=False,
+        final=target,
     )
     try:
         scratch.rename(target)

@@ -23,12 +23,16 @@ from typing import Any
 import torch
 
 from sgtrain.checkpoint import write_atomic
+from sgtrain.comm import Comm, LocalComm
 from sgtrain.config import Config, ConfigError
 from sgtrain.data.builtin import BUILTIN_DATASETS, load_builtin
+from sgtrain.generators import LoadedGenerator, load_generator
 from sgtrain.metrics import stats
-from sgtrain.sampling import LoadedGenerator, generate, load_generator, rank_indices, standing_statistics
+from sgtrain.sampling import generate, rank_indices, standing_statistics
 
-METRICS = ("fid", "kid", "is", "pr", "classes")
+METRICS = ("fid", "kid", "is", "pr", "classes")  # what can be asked for (pr: precision and recall)
+# The figures a result holds, in the order they are logged (training logs them as eval/<name>)
+RESULTS = ("fid", "kid", "is", "precision", "recall", "classes_covered")
 
 
 def bundled_dataset(cfg: Config) -> str | None:
@@ -124,15 +128,15 @@ def reference_features(cfg: Config, extractor: Any, num_samples: int) -> dict[st
     return features
 
 
-def gather_rows(local: torch.Tensor, num_rows: int, rank: int, world_size: int, all_reduce: Any) -> torch.Tensor:
+def gather_rows(local: torch.Tensor, num_rows: int, comm: Comm) -> torch.Tensor:
     """Every rank's contiguous block of rows (``sampling.rank_indices``) assembled on every rank."""
-    if world_size == 1:
+    if comm.world_size == 1:
         return local
     full = torch.zeros((num_rows, *local.shape[1:]), dtype=local.dtype)
-    indices = rank_indices(num_rows, rank, world_size)
+    indices = rank_indices(num_rows, comm.rank, comm.world_size)
     if indices:
         full[indices[0] : indices[-1] + 1] = local
-    return all_reduce(full, "sum")
+    return comm.all_reduce(full, "sum")
 
 
 def check_metrics(metrics: Sequence[str]) -> None:
@@ -150,9 +154,7 @@ def evaluate_run(
     extractor_kind: str = "auto",
     inception: str | None = None,
     seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    all_reduce: Any = None,
+    comm: Comm | None = None,
     device: torch.device | str = "cpu",
     standing: bool = False,
 ) -> dict[str, Any]:
@@ -168,9 +170,7 @@ def evaluate_run(
         truncation=truncation,
         extractor=extractor_for(loaded.cfg, extractor_kind, device, inception),
         seed=seed,
-        rank=rank,
-        world_size=world_size,
-        all_reduce=all_reduce,
+        comm=comm,
         device=device,
         run=run,
     )
@@ -184,15 +184,14 @@ def evaluate_generator(
     truncation: float | None,
     extractor: Any,
     seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    all_reduce: Any = None,
+    comm: Comm | None = None,
     device: torch.device | str = "cpu",
     run: str | Path = "",
 ) -> dict[str, Any]:
     """The metrics of a generator in memory (a loaded run, or the training loop's EMA); every rank the same."""
     cfg, m = loaded.cfg, loaded.cfg.model
-    mine = rank_indices(num_samples, rank, world_size)
+    comm = comm or LocalComm()
+    mine = rank_indices(num_samples, comm.rank, comm.world_size)
     images, _ = generate(
         loaded.module, mine, dim_z=m.dim_z, n_classes=m.n_classes, seed=seed, truncation=truncation, device=device
     )
@@ -200,7 +199,7 @@ def evaluate_generator(
     fake: dict[str, torch.Tensor] = {}
     for key in ("features", "logits") if extractor.has_logits else ("features",):
         part = local.get(key, torch.zeros(0, extractor.dim if key == "features" else 1, dtype=torch.float64))
-        fake[key] = gather_rows(part, num_samples, rank, world_size, all_reduce)
+        fake[key] = gather_rows(part, num_samples, comm)
     real = reference_features(cfg, extractor, num_samples)
     result: dict[str, Any] = {
         "run": str(run),

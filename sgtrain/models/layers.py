@@ -2,7 +2,7 @@
 
 Spectral norm is our own rather than ``torch.nn.utils.parametrizations.spectral_norm`` so that the raw
 tensor stays an ordinary parameter named ``weight``: the sparse-mask manager masks exactly ``module.weight``
-and spectral norm then normalises the masked tensor (DESIGN.md, "Targets").
+and spectral norm then normalises the masked tensor (docs/design.md, "The sparse core").
 """
 
 from __future__ import annotations

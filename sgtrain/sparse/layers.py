@@ -21,7 +21,7 @@ NETWORKS = ("G", "D")
 def masked_parameters(module: nn.Module, targets: str) -> list[tuple[str, nn.Parameter]]:
     """The weights sparse training masks, in module order: conv (and, for ``conv_linear``, linear) weights.
 
-    Embeddings, norm gains and biases stay dense (DESIGN.md, "Targets"). A module with an attribute
+    Embeddings, norm gains and biases stay dense (docs/design.md, "The sparse core"). A module with an attribute
     ``sparse_exempt = True`` (usually on its class) stays dense, and so does every module below it: BigGAN's
     class-conditional BN sets it, because its gain and bias projections are linear layers that produce norm gains.
     Any model marks its own modules the same way; nothing else about the model is assumed. Under spectral norm the

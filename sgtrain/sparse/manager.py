@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sgtrain.comm import Comm, LocalComm
 from sgtrain.config import ConfigError, SparseConfig
 from sgtrain.sparse.layers import (
     NETWORKS,
@@ -32,7 +33,7 @@ from sgtrain.sparse.layers import (
     masked_parameters,
 )
 from sgtrain.sparse.methods import GRAD_MOMENTUM, METHODS, SparseMethod
-from sgtrain.sparse.sync import Comm, LocalComm, MaskDivergenceError, Sharding
+from sgtrain.sparse.sync import MaskDivergenceError, Sharding
 from sgtrain.sparse.topology import seed_second_moment
 
 __all__ = [

@@ -17,10 +17,11 @@ identical new masks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
+from sgtrain.comm import Comm
 from sgtrain.sparse.topology import mask_checksum, pack_mask, unpack_mask
 
 if TYPE_CHECKING:
@@ -29,41 +30,6 @@ if TYPE_CHECKING:
 
 class MaskDivergenceError(RuntimeError):
     """Ranks hold different masks: the replicas would fork silently, so the run stops."""
-
-
-class Comm(Protocol):
-    """The collectives the mask manager needs. Every call is made by every rank, in the same order."""
-
-    rank: int
-    world_size: int
-
-    def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        """``tensor`` reduced with ``op`` in {"sum", "min", "max"}; every rank gets the result."""
-        ...
-
-    def reduce(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
-        """The sum of ``tensor`` over ranks, valid on rank ``dst`` only."""
-        ...
-
-    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        """Rank ``src``'s ``tensor`` on every rank (same shape and dtype everywhere)."""
-        ...
-
-
-class LocalComm:
-    """One process: every collective is the identity."""
-
-    rank = 0
-    world_size = 1
-
-    def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        return tensor
-
-    def reduce(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
-        return tensor
-
-    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        return tensor
 
 
 def assign_owners(sizes: Sequence[int], world_size: int) -> list[int]:
@@ -101,8 +67,8 @@ def assert_identical(names: Sequence[str], checksums: torch.Tensor, comm: Comm, 
 
 
 class Sharding:
-    """The owner / reduce / broadcast protocol of topology updates over ``comm`` (DESIGN.md, "The sharded mask
-    manager"), for the :class:`~sgtrain.sparse.layers.Layer` lists of a manager.
+    """The owner / reduce / broadcast protocol of topology updates over ``comm`` (docs/design.md, "The sparse
+    core"), for the :class:`~sgtrain.sparse.layers.Layer` lists of a manager.
 
     ``local_scores``: the scores a rank holds are its own, not averaged over ranks (no DDP, ZeRO-partitioned or
     hook-captured gradients), so they are summed across ranks before selection. ``sharded=False`` is the naive scheme

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -63,7 +62,9 @@ from sgtrain.checkpoint import write_atomic
 # gently converted, exactly as for the main training config.
 from sgtrain.config import ConfigError, SparseConfig, _build, _check
 from sgtrain.flops import dense_weight_gradients, layer_forward_flops, layers_iteration_flops
+from sgtrain.losses import NON_SATURATING
 from sgtrain.sparse import MaskManager
+from sgtrain.step import GanStep, LocalNetwork
 
 DATASETS = ("ring8", "grid25")
 HQ_STDS = 3.0  # a high-quality sample lies within this many standard deviations of its nearest centre
@@ -268,40 +269,23 @@ def train_networks(cfg: GaussiansConfig) -> Trained:
     train_flops = 0.0
     rng = torch.Generator().manual_seed(cfg.seed)
     B = cfg.batch_size
+    # The project's one GAN iteration, unconditional (no classes), with the non-saturating loss and no EMA: with
+    # none, after_ema is never called and an update has no EMA copy to prune.
+    gan = GanStep(G=LocalNetwork(G, opt_g), D=LocalNetwork(D, opt_d), masks=masks, losses=NON_SATURATING)
+
+    def real() -> tuple[torch.Tensor, None]:
+        return sample_real(cfg.dataset, B, rng) / DATA_SCALE[cfg.dataset], None
+
+    def latents() -> tuple[torch.Tensor, None]:
+        return torch.randn(B, cfg.dim_z, generator=rng), None
+
     for step in range(cfg.steps):
         if cfg.lr_decay == "cosine":  # (set on the param groups: no scheduler object, nothing to checkpoint)
             factor = 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             for opt, lr in ((opt_g, cfg.g_lr), (opt_d, cfg.d_lr)):
                 for group in opt.param_groups:
                     group["lr"] = lr * factor
-        # Update discriminator: one pass over real and fake together, as the main loop does.
-        real = sample_real(cfg.dataset, B, rng) / DATA_SCALE[cfg.dataset]
-        with torch.no_grad():
-            fake = G(torch.randn(B, cfg.dim_z, generator=rng))
-        logits = D(torch.cat([real, fake])).squeeze(1)
-        # Non-saturating GAN loss: -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))), in its stable softplus form.
-        d_loss = F.softplus(-logits[:B]).mean() + F.softplus(logits[B:]).mean()
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        masks.before_step("D")
-        opt_d.step()
-        masks.after_step("D")
-
-        # Update generator, D frozen so that the backward computes no D weight gradients.
-        D.requires_grad_(False)
-        g_loss = F.softplus(-D(G(torch.randn(B, cfg.dim_z, generator=rng)))).mean()  # -log sigmoid(D(G(z)))
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        D.requires_grad_(True)
-        masks.before_step("G")
-        opt_g.step()
-        masks.after_step("G")
-
-        # Topology update (STU drop-and-grow, GMP pruning). Called after every G step, due or not: the manager
-        # learns the step here, and decides from it whether the next before_step keeps dense gradients for growth.
-        # No EMA here: with none, after_ema is never called and an update has no EMA copy to prune.
-        masks.maybe_update(step + 1)
-
+        gan(step, real, latents)
         # Maintenance: this iteration's FLOPs at the densities it ended with (as train.py counts them), so GMP, which
         # starts dense, pays for its dense phase and SNIP for its dense first step only in part.
         train_flops += iteration_flops(masks.layer_densities("G"), masks.layer_densities("D"))

@@ -101,7 +101,7 @@ def run_cell(grid: Grid, cell: Cell, threads: int = 1, quiet: bool = True) -> di
 
 def _digits_metrics(grid: Grid, cell: Cell) -> dict[str, Any]:
     """Train a digits cell with the ordinary training loop, then evaluate its run directory."""
-    from sgtrain.metrics.evaluate import evaluate_run
+    from sgtrain.metrics.evaluate import RESULTS, evaluate_run
     from sgtrain.train import train
 
     assert grid.digits is not None
@@ -115,7 +115,7 @@ def _digits_metrics(grid: Grid, cell: Cell) -> dict[str, Any]:
         extractor_kind=evaluation.get("extractor", "auto"),
     )
     last = _last_train_record(run_dir)
-    metrics = {k: scores[k] for k in ("fid", "kid", "is", "precision", "recall", "classes_covered") if k in scores}
+    metrics = {k: scores[k] for k in RESULTS if k in scores}
     metrics.update(
         extractor=scores["extractor"],
         num_samples=scores["num_samples"],
