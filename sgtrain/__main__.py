@@ -174,10 +174,10 @@ def export(run: str, out: str, force: bool = False) -> None:
 
 def bench(suite: str = "all", json: str | None = None, tiny: bool = False) -> None:
     """Run the benchmark suites (each warms up, repeats, reports medians and dense-vs-sparse ratios)."""
-    from sgtrain.bench import format_summary, run_bench
+    from sgtrain.benchmarks.suites import Settings, format_summary, run
 
-    result = run_bench(suite if isinstance(suite, str) else ",".join(suite), json, tiny=tiny)
-    print(format_summary(result))
+    settings = Settings(suite=suite if isinstance(suite, str) else ",".join(suite), json=json, tiny=tiny)
+    print(format_summary(run(settings)))
 
 
 def report(run: str, out: str | None = None) -> None:

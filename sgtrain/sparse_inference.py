@@ -16,16 +16,14 @@ the rest are discarded. Each tap is a CSR matrix and each product an MKL sparse-
 CSR left operand) reading a strided column window of ``xp``: no ``[C_in * k * k, B * H * W]`` unfold is ever built.
 Columns are processed in chunks so that the window the nine taps read stays in cache.
 
-:func:`benchmark_inference` times the CIFAR-10 generator (``cifar10.yaml``) with random ERK masks, dense against
-compiled, for ``benchmarks/sparse_inference.py``.
+``sgtrain.benchmarks.sparse_inference`` times the CIFAR-10 generator (``cifar10.yaml``) with random ERK masks, dense
+against compiled.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-import os
 import statistics
 import time
 import warnings
@@ -181,19 +179,7 @@ def _sparse_eligible(module: nn.Module) -> bool:
     )
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``repeats`` calls after ``warmup`` untimed ones (CPU: no sync needed)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _interleaved_medians(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+def interleaved_medians(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
     """Median seconds of each function, timed round-robin so that drift in the machine's load hits all alike."""
     for fn in fns:
         fn()
@@ -285,7 +271,7 @@ def compile_sparse(
             else:
                 x = torch.randn(input_shapes[name])
                 with torch.no_grad():
-                    choice.dense_s, choice.sparse_s = _interleaved_medians(
+                    choice.dense_s, choice.sparse_s = interleaved_medians(
                         [functools.partial(dense, x), functools.partial(sparse, x)], repeats
                     )
                 if choice.sparse_s < choice.dense_s:
@@ -295,77 +281,3 @@ def compile_sparse(
         plan.append(choice)
     compiled.sparse_plan = plan
     return compiled
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Benchmark.
-
-
-def _sparse_generator(config: str, density: float) -> nn.Module:
-    """The generator of ``config`` with a random (static) ERK mask at overall density ``density``, in eval mode."""
-    from sgtrain.config import load_config
-    from sgtrain.train import build_training
-
-    method = "static" if density < 1 else "dense"
-    overrides = {"sparse.method": method, "sparse.density_g": density, "sparse.density_d": 1.0}
-    G, _, _, _, masks = build_training(load_config(config, overrides))
-    masks.initialize()  # draws the masks and zeroes the inactive weights
-    return G.eval().requires_grad_(False)
-
-
-def benchmark_inference(
-    *,
-    config: str = "cifar10.yaml",
-    densities: Sequence[float] = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
-    batches: Sequence[int] = (1, 64),
-    repeats: int = 5,
-    calibration_repeats: int = 3,
-    threads: int = 2,
-) -> dict[str, Any]:
-    """Dense eval generator vs :func:`compile_sparse` at each density and batch: median seconds per forward.
-
-    Returns ``{"meta": ..., "results": [{"density", "batch", "dense_s", "compiled_s", "speedup", "sparse_layers",
-    "layers", "max_abs_diff", "plan"}, ...]}``; dense and compiled forwards are timed round-robin.
-    """
-    torch.set_num_threads(threads)
-    meta = {
-        "config": config,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "repeats": repeats,
-        "calibration_repeats": calibration_repeats,
-        "load_avg_start": list(os.getloadavg()),
-    }
-    results = []
-    for density in densities:
-        G = _sparse_generator(config, density)
-        for batch in batches:
-            generator = torch.Generator().manual_seed(batch)
-            z = torch.randn(batch, G.dim_z, generator=generator)
-            y = torch.randint(G.n_classes, (batch,), generator=generator)
-            start = time.perf_counter()
-            compiled = compile_sparse(G, batch_size=batch, repeats=calibration_repeats)
-            compile_s = time.perf_counter() - start
-            with torch.no_grad():
-                diff = float((compiled(z, y) - G(z, y)).abs().max())
-                dense_s, compiled_s = _interleaved_medians(
-                    [functools.partial(G, z, y), functools.partial(compiled, z, y)], repeats
-                )
-            plan = [dataclasses.asdict(choice) for choice in compiled.sparse_plan]
-            results.append(
-                {
-                    "density": density,
-                    "batch": batch,
-                    "dense_s": dense_s,
-                    "compiled_s": compiled_s,
-                    "speedup": dense_s / compiled_s,
-                    "sparse_layers": sum(choice["choice"] == "sparse" for choice in plan),
-                    "layers": len(plan),
-                    "max_abs_diff": diff,
-                    "compile_s": compile_s,
-                    "plan": plan,
-                }
-            )
-    meta["load_avg_end"] = list(os.getloadavg())
-    return {"meta": meta, "results": results}

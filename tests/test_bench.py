@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sgtrain.__main__ import main
-from sgtrain.bench import FORMAT, SUITES
+from sgtrain.benchmarks.suites import FORMAT, SUITES
 
 
 @pytest.fixture(scope="module")

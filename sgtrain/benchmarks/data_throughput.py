@@ -28,10 +28,10 @@ What is timed, all on the same shards, read from the page cache (one untimed war
    a clock around each (tar reading with ``read_shard``, PIL decode + convert, ``np.asarray(...).copy()`` +
    ``permute``, ``float().div_(127.5).sub_(1.0)``, ``torch.stack`` per batch), in microseconds per image, against
    the loader's measured time per image. And a PROTOTYPE (``PrototypeStream`` below, not sgtrain's code) of a cheaper
-   batch assembly: the batch allocated once (in shared memory inside a worker), each image copied into it with one
-   permuting ``copy_`` and scaled in place; float batches are checked bit-identical to ``ShardLoader``'s; timed with
-   workers=0 (in the interleaved one-core rounds) and workers=1, as float and as uint8 batches (uint8 leaves the
-   scaling to the consumer, e.g. the GPU).
+   batch assembly: the batch allocated once (in shared memory inside a worker), each image decoded by
+   ``ShardStream._decode``, copied into it with one permuting copy and scaled in place; float batches are checked
+   bit-identical to ``ShardLoader``'s; timed with workers=0 (in the interleaved one-core rounds) and workers=1, as
+   float and as uint8 batches (uint8 leaves the scaling to the consumer, e.g. the GPU).
 5. **Workers per GPU for ImageNet-128 BigGAN**: a G step of ``imagenet128.yaml`` consumes
    ``batch_size x d_steps = 2048 x 1`` real images (256 per GPU x 8 accumulation rounds on 8 GPUs), so a GPU consumes
    ``2048 x d_steps / (gpus x seconds per G step)`` images/s. The GPU step time cannot be measured here: it is the
@@ -52,15 +52,11 @@ images it claims (counts, shapes, value ranges) and stops otherwise.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
+import dataclasses
 import io
-import json
 import math
 import multiprocessing
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -68,6 +64,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +73,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter
 
+from sgtrain.benchmarks.harness import load_avg, machine, progress, write_json
 from sgtrain.data.shards import make_shards
 from sgtrain.data.stream import ShardLoader, ShardSet, ShardStream, read_shard, resolve_shards
 
@@ -84,19 +82,27 @@ GOAL = 0.85  # issue 5: the loader within 15% of raw decode
 H100_BF16_DENSE_PEAK = 989e12  # FLOP/s, dense (no 2:4 sparsity), SXM
 
 
-def progress(message: str) -> None:
-    # Progress goes to stderr so that stdout holds only the tables.
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+@dataclass(kw_only=True)
+class Settings:
+    """What to measure, and on how many images."""
 
+    json: Path | None = None  # run() also writes every figure here
+    images: int = 4000  # synthetic images, one epoch
+    shard_size: int = 500  # samples per shard
+    classes: int = 10  # class folders
+    batch: int = 64  # ShardLoader batch size
+    repeats: int = 3  # timed passes per case
+    gpu_images_per_s: float = 1500.0  # ASSUMED real images/s one GPU consumes in BigGAN-128 training (H100, bf16)
+    seed: int = 0  # of the synthetic images and the loader
+    workdir: Path | None = None  # keep the images and shards here (None: a temporary directory, removed after)
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    def __post_init__(self) -> None:
+        if self.images < 2 * self.shard_size or self.shard_size < 1:
+            raise ValueError("--images must be at least 2 x --shard-size (workers=2 needs a shard per worker)")
+        if self.batch < 1 or self.images < self.batch or self.repeats < 1 or self.classes < 1:
+            raise ValueError("--batch, --repeats and --classes must be >= 1 and --images >= --batch")
+        if self.gpu_images_per_s <= 0:
+            raise ValueError("--gpu-images-per-s must be > 0")
 
 
 def median_rate(images: list[int], seconds: list[float]) -> dict[str, Any]:
@@ -166,7 +172,7 @@ def write_source(root: Path, images: int, classes: int, seed: int) -> dict[str, 
     }
 
 
-def write_shards(source: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def write_shards(source: Path, out: Path, settings: Settings) -> dict[str, Any]:
     """``make_shards`` of the source folder at 128 px, timed (once: it takes a while and is not the topic)."""
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # its summary line is progress, not a result
@@ -174,15 +180,17 @@ def write_shards(source: Path, out: Path, args: argparse.Namespace) -> dict[str,
             f"imagefolder:{source}",
             out,
             resolution=RESOLUTION,
-            shard_size=args.shard_size,
+            shard_size=settings.shard_size,
             image_format="jpg",
             workers=2,
             quality=95,
             progress=False,
         )
     seconds = time.perf_counter() - start
-    if manifest["skipped"] or manifest["num_samples"] != args.images:
-        raise SystemExit(f"make_shards wrote {manifest['num_samples']} of {args.images} images: {manifest['skipped']}")
+    if manifest["skipped"] or manifest["num_samples"] != settings.images:
+        raise SystemExit(
+            f"make_shards wrote {manifest['num_samples']} of {settings.images} images: {manifest['skipped']}"
+        )
     tar_bytes = sum((out / shard["name"]).stat().st_size for shard in manifest["shards"])
     return {
         "images": manifest["num_samples"],
@@ -232,14 +240,14 @@ def pass_pil(urls: list[str]) -> tuple[int, float]:
     return count, seconds
 
 
-def new_loader(shards: ShardSet, workers: int, args: argparse.Namespace) -> ShardLoader:
+def new_loader(shards: ShardSet, workers: int, settings: Settings) -> ShardLoader:
     return ShardLoader(
         shards,
-        seed=args.seed,
+        seed=settings.seed,
         rank=0,
         world_size=1,
         workers=workers,
-        batch_size=args.batch,
+        batch_size=settings.batch,
         resolution=RESOLUTION,
         num_classes=shards.num_classes,
     )
@@ -258,11 +266,11 @@ def take(loader: ShardLoader, batches: int) -> int:
     return count
 
 
-def pass_loader0(shards: ShardSet, args: argparse.Namespace) -> tuple[int, float]:
+def pass_loader0(shards: ShardSet, settings: Settings) -> tuple[int, float]:
     """A fresh main-process loader, one epoch's worth of whole batches: (images, seconds)."""
     start = time.perf_counter()
-    loader = new_loader(shards, 0, args)
-    count = take(loader, args.images // args.batch)
+    loader = new_loader(shards, 0, settings)
+    count = take(loader, settings.images // settings.batch)
     return count, time.perf_counter() - start
 
 
@@ -275,40 +283,40 @@ ONE_CORE = {
 }
 
 
-def bench_one_core(urls: list[str], shards: ShardSet, args: argparse.Namespace) -> dict[str, Any]:
+def bench_one_core(urls: list[str], shards: ShardSet, settings: Settings) -> dict[str, Any]:
     """The one-core cases, interleaved: one epoch each per round, a warm-up round first."""
     passes: dict[str, Callable[[], tuple[int, float]]] = {
         "wds_torchrgb": lambda: pass_wds(urls, "torchrgb"),
         "wds_rgb8": lambda: pass_wds(urls, "rgb8"),
         "pil_loop": lambda: pass_pil(urls),
-        "loader_w0": lambda: pass_loader0(shards, args),
-        "prototype_w0": lambda: pass_prototype0(shards, args),
+        "loader_w0": lambda: pass_loader0(shards, settings),
+        "prototype_w0": lambda: pass_prototype0(shards, settings),
     }
     figures: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in passes}
-    for round_ in range(args.repeats + 1):
-        progress(f"one core: round {round_}/{args.repeats}" + (" (warm-up)" if round_ == 0 else ""))
+    for round_ in range(settings.repeats + 1):
+        progress(f"one core: round {round_}/{settings.repeats}" + (" (warm-up)" if round_ == 0 else ""))
         for name, run in passes.items():
             count, seconds = run()
-            if name in ("wds_torchrgb", "wds_rgb8", "pil_loop") and count != args.images:
-                raise SystemExit(f"{name}: decoded {count} images, the shards hold {args.images}")
+            if name in ("wds_torchrgb", "wds_rgb8", "pil_loop") and count != settings.images:
+                raise SystemExit(f"{name}: decoded {count} images, the shards hold {settings.images}")
             if round_ > 0:
                 figures[name][0].append(count)
                 figures[name][1].append(seconds)
     return {name: median_rate(*figures[name]) for name in passes}
 
 
-def bench_workers(shards: ShardSet, workers: int, args: argparse.Namespace) -> dict[str, Any]:
+def bench_workers(shards: ShardSet, workers: int, settings: Settings) -> dict[str, Any]:
     """A loader with ``workers`` DataLoader processes: warm-up, then ``--repeats`` windows of one epoch's images."""
     progress(f"ShardLoader workers={workers}")
     start = time.perf_counter()
-    loader = new_loader(shards, workers, args)
+    loader = new_loader(shards, workers, settings)
     take(loader, 1)
     first_batch_s = time.perf_counter() - start
     take(loader, 4 * workers)  # every worker has started and filled its prefetch queue
     images, seconds = [], []
-    for _ in range(args.repeats):
+    for _ in range(settings.repeats):
         start = time.perf_counter()
-        images.append(take(loader, args.images // args.batch))
+        images.append(take(loader, settings.images // settings.batch))
         seconds.append(time.perf_counter() - start)
     del loader  # shuts the worker processes down
     return {**median_rate(images, seconds), "workers": workers, "first_batch_s": first_batch_s}
@@ -318,7 +326,7 @@ def bench_workers(shards: ShardSet, workers: int, args: argparse.Namespace) -> d
 # Where the loader's time goes, and a prototype of a cheaper batch assembly.
 
 
-def bench_breakdown(urls: list[str], args: argparse.Namespace, loader_rate: float) -> dict[str, Any]:
+def bench_breakdown(urls: list[str], settings: Settings, loader_rate: float) -> dict[str, Any]:
     """Microseconds per image of each stage of the loader, done as the loader does them (image after image, batch
     after batch, so that caches behave alike) with a clock around each stage; median of ``--repeats`` epochs."""
     progress("breakdown of the loader's time")
@@ -332,7 +340,7 @@ def bench_breakdown(urls: list[str], args: argparse.Namespace, loader_rate: floa
     totals: dict[str, list[float]] = {name: [] for name in names}
     clock = time.perf_counter
     count = 0
-    for _ in range(args.repeats):
+    for _ in range(settings.repeats):
         spent = dict.fromkeys(names, 0.0)
         count = 0
         for url in urls:
@@ -354,7 +362,7 @@ def bench_breakdown(urls: list[str], args: argparse.Namespace, loader_rate: floa
                 spent[names[2]] += t2 - t1
                 spent[names[3]] += t3 - t2
                 count += 1
-                if len(batch) == args.batch:
+                if len(batch) == settings.batch:
                     start = clock()
                     torch.stack(batch)
                     spent[names[4]] += clock() - start
@@ -374,10 +382,11 @@ def bench_breakdown(urls: list[str], args: argparse.Namespace, loader_rate: floa
 
 class PrototypeStream(ShardStream):
     """PROTOTYPE, not sgtrain's code: ``ShardStream`` whose batches are allocated once per batch (in shared memory
-    inside a DataLoader worker, so that sending it costs no copy) and filled image by image with one permuting
-    ``copy_`` (uint8 HWC -> CHW of ``dtype``), followed for float by ``div_(127.5).sub_(1.0)`` on that image while it
-    is in cache: no per-image float tensor, no ``torch.stack``. Float batches are bit-identical to ShardStream's;
-    uint8 batches leave the ``float().div_(127.5).sub_(1.0)`` to the consumer (on the GPU, after a 4x smaller copy)."""
+    inside a DataLoader worker, so that sending it costs no copy) and filled image by image, from ``ShardStream``'s
+    own ``_decode``, with one permuting copy (uint8 HWC -> CHW of ``dtype``), followed for float by
+    ``div_(127.5).sub_(1.0)`` on that image while it is in cache: no per-image float tensor, no ``torch.stack``.
+    Float batches are bit-identical to ShardStream's; uint8 batches leave the ``float().div_(127.5).sub_(1.0)`` to
+    the consumer (on the GPU, after a 4x smaller copy)."""
 
     def __init__(self, *args: Any, dtype: torch.dtype, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -395,11 +404,13 @@ class PrototypeStream(ShardStream):
 
         images, labels, bad = fresh(), [], 0
         for position, (key, url, image, label) in self._samples(slot, skip=self.offsets[worker]):
-            decoded = self._decode_uint8(key, url, image, label)
+            decoded = self._decode(key, url, image, label)  # sgtrain's own decode and checks
             if decoded is None:
                 bad += 1
             else:
-                target = images[len(labels)].copy_(decoded[0])
+                target = images[len(labels)]
+                # HWC pixels into the CHW batch, one copy (numpy casts uint8 to float exactly for a float batch).
+                target.permute(1, 2, 0).numpy()[:] = decoded[0]
                 if self.dtype != torch.uint8:
                     target.div_(127.5).sub_(1.0)
                 labels.append(decoded[1])
@@ -413,29 +424,16 @@ class PrototypeStream(ShardStream):
                 }
                 images, labels, bad = fresh(), [], 0
 
-    def _decode_uint8(self, key: str, url: str, image: bytes | None, label: str | None) -> Any:
-        """``ShardStream._decode`` (same errors and checks) stopping at a uint8 ``[3, R, R]`` view."""
-        try:
-            with Image.open(io.BytesIO(image or b"")) as handle:
-                handle.load()
-                rgb = handle.convert("RGB")
-            value = int(label) if label is not None else None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            return None
-        if value is None or rgb.size != (self.resolution, self.resolution) or not 0 <= value < self.num_classes:
-            raise SystemExit(f"prototype: sample {key} of {url} is not a clean {self.resolution} px sample")
-        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1), value
 
-
-def prototype_batches(shards: ShardSet, args: argparse.Namespace, workers: int, dtype: torch.dtype) -> Iterator[Any]:
+def prototype_batches(shards: ShardSet, settings: Settings, workers: int, dtype: torch.dtype) -> Iterator[Any]:
     """The prototype stream in a DataLoader built as ``ShardLoader`` builds its own."""
     stream = PrototypeStream(
         shards,
-        seed=args.seed,
+        seed=settings.seed,
         rank=0,
         world_size=1,
         workers=max(workers, 1),
-        batch_size=args.batch,
+        batch_size=settings.batch,
         resolution=RESOLUTION,
         num_classes=shards.num_classes,
         dtype=dtype,
@@ -446,32 +444,32 @@ def prototype_batches(shards: ShardSet, args: argparse.Namespace, workers: int, 
     return iter(torch.utils.data.DataLoader(stream, **options))
 
 
-def check_prototype(shards: ShardSet, args: argparse.Namespace) -> None:
+def check_prototype(shards: ShardSet, settings: Settings) -> None:
     """The prototype's float batches are the loader's, bit for bit (same seed, same order, same arithmetic)."""
-    batches, reference = prototype_batches(shards, args, 0, torch.float32), new_loader(shards, 0, args)
+    batches, reference = prototype_batches(shards, settings, 0, torch.float32), new_loader(shards, 0, settings)
     for _ in range(3):
         if not torch.equal(next(batches)["images"], reference.next()[0]):
             raise SystemExit("the prototype stream's float batches differ from ShardLoader's")
 
 
-def pass_prototype0(shards: ShardSet, args: argparse.Namespace) -> tuple[int, float]:
+def pass_prototype0(shards: ShardSet, settings: Settings) -> tuple[int, float]:
     """As :func:`pass_loader0`, for the prototype stream (float): (images, seconds)."""
     start = time.perf_counter()
-    batches = prototype_batches(shards, args, 0, torch.float32)
-    count = sum(len(next(batches)["labels"]) for _ in range(args.images // args.batch))
+    batches = prototype_batches(shards, settings, 0, torch.float32)
+    count = sum(len(next(batches)["labels"]) for _ in range(settings.images // settings.batch))
     return count, time.perf_counter() - start
 
 
-def bench_prototype_workers(shards: ShardSet, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
+def bench_prototype_workers(shards: ShardSet, settings: Settings, dtype: torch.dtype) -> dict[str, Any]:
     """As :func:`bench_workers` with one worker process, for the prototype stream."""
     progress(f"prototype stream, {str(dtype).replace('torch.', '')}, workers=1")
-    batches = prototype_batches(shards, args, 1, dtype)
+    batches = prototype_batches(shards, settings, 1, dtype)
     for _ in range(5):
         next(batches)
     images, seconds = [], []
-    for _ in range(args.repeats):
+    for _ in range(settings.repeats):
         start = time.perf_counter()
-        images.append(sum(len(next(batches)["labels"]) for _ in range(args.images // args.batch)))
+        images.append(sum(len(next(batches)["labels"]) for _ in range(settings.images // settings.batch)))
         seconds.append(time.perf_counter() - start)
     del batches  # shuts the worker process down
     return {**median_rate(images, seconds), "workers": 1, "dtype": str(dtype).replace("torch.", "")}
@@ -481,10 +479,10 @@ def bench_prototype_workers(shards: ShardSet, args: argparse.Namespace, dtype: t
 # Workers per GPU.
 
 
-def workers_per_gpu(per_core: float, per_worker: float, args: argparse.Namespace) -> dict[str, Any]:
+def workers_per_gpu(per_core: float, per_worker: float, settings: Settings) -> dict[str, Any]:
     """Worker processes per GPU to feed an ImageNet-128 BigGAN step at ``--gpu-images-per-s``: from the one-core
     (main process) rate, and from the rate of one DataLoader worker process, which is what training uses."""
-    rate = args.gpu_images_per_s
+    rate = settings.gpu_images_per_s
     out: dict[str, Any] = {
         "gpu_images_per_s": rate,
         "assumption": "BigGAN-128 D+G forward+backward, bf16, one H100 (not measured here)",
@@ -513,9 +511,9 @@ def workers_per_gpu(per_core: float, per_worker: float, args: argparse.Namespace
                 "num_workers_in_config": cfg.data.num_workers,
                 "real_images_per_g_step": reals,
                 "dense_flops_per_real_image": flops_per_real,
-                "implied_flop_per_s": flops_per_real * args.gpu_images_per_s,
-                "implied_h100_bf16_utilisation": flops_per_real * args.gpu_images_per_s / H100_BF16_DENSE_PEAK,
-                "g_step_s_on_8_gpus": reals / (8 * args.gpu_images_per_s),
+                "implied_flop_per_s": flops_per_real * settings.gpu_images_per_s,
+                "implied_h100_bf16_utilisation": flops_per_real * settings.gpu_images_per_s / H100_BF16_DENSE_PEAK,
+                "g_step_s_on_8_gpus": reals / (8 * settings.gpu_images_per_s),
             }
         )
     except Exception as error:  # the FLOPs are context, not the figure: report and go on
@@ -528,6 +526,7 @@ def workers_per_gpu(per_core: float, per_worker: float, args: argparse.Namespace
 
 
 def print_report(result: dict[str, Any]) -> None:
+    """The tables of a :func:`run` result, on stdout."""
     meta, data, one = result["meta"], result["data"], result["one_core"]
     print(f"sgtrain data throughput at {RESOLUTION} px   {meta['date']}")
     print(f"torch {meta['torch']}, webdataset {meta['webdataset']}, Pillow {meta['pillow']}, CPU {meta['cpu_model']}")
@@ -618,89 +617,48 @@ def print_report(result: dict[str, Any]) -> None:
         f"each on a core of its own, plus a core for the training process{config_workers}"
     )
     print("   (cores of this benchmark machine; a server core may decode faster or slower: rerun this there)")
+    print(f"\n(total wall time {meta['wall_s']:.0f} s)")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
-    parser.add_argument("--images", type=int, default=4000, help="synthetic images, one epoch (default 4000)")
-    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    parser.add_argument("--classes", type=int, default=10, help="class folders (default 10)")
-    parser.add_argument("--batch", type=int, default=64, help="ShardLoader batch size (default 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per case (default 3)")
-    parser.add_argument(
-        "--gpu-images-per-s",
-        type=float,
-        default=1500.0,
-        help="ASSUMED real images/s one GPU consumes in BigGAN-128 training (default 1500: H100, bf16)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and the loader")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the images and shards here (default: temp)")
-    args = parser.parse_args(argv)
-    if args.images < 2 * args.shard_size or args.shard_size < 1:
-        parser.error("--images must be at least 2 x --shard-size (workers=2 needs a shard per worker)")
-    if args.batch < 1 or args.images < args.batch or args.repeats < 1 or args.classes < 1:
-        parser.error("--batch, --repeats and --classes must be >= 1 and --images >= --batch")
-    if args.gpu_images_per_s <= 0:
-        parser.error("--gpu-images-per-s must be > 0")
-    return args
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def run(settings: Settings) -> dict[str, Any]:
+    """Every figure of the module docstring, ``{"meta", "data", "one_core", "workers", "prototype_workers", "ratio",
+    "goal", "breakdown", "workers_per_gpu"}``; also written to ``settings.json`` when set."""
     torch.set_num_threads(1)
     start = time.perf_counter()
-    result: dict[str, Any] = {
-        "meta": {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "webdataset": getattr(wds, "__version__", "unknown"),
-            "pillow": Image.__version__,
-            "python": platform.python_version(),
-            "cpu_model": cpu_model(),
-            "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "load_avg_start": list(os.getloadavg()),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }
-    }
-    keep = args.workdir is not None
-    workdir = args.workdir if keep else Path(tempfile.mkdtemp(prefix="sgtrain-data-throughput-"))
+    versions = {"webdataset": getattr(wds, "__version__", "unknown"), "pillow": Image.__version__}
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()}
+    meta = machine("date", "torch") | versions | machine("python", "cpu_model", "cpus", "threads", "load_avg_start")
+    result: dict[str, Any] = {"meta": meta | {"args": args}}
+    keep = settings.workdir is not None
+    workdir = settings.workdir if keep else Path(tempfile.mkdtemp(prefix="sgtrain-data-throughput-"))
     try:
         source, out = workdir / "source", workdir / "shards"
         if out.exists():
             raise SystemExit(f"{out} already exists: choose another --workdir")
-        progress(f"writing {args.images} synthetic images to {source}")
-        result["data"] = {"source": write_source(source, args.images, args.classes, args.seed)}
+        progress(f"writing {settings.images} synthetic images to {source}")
+        result["data"] = {"source": write_source(source, settings.images, settings.classes, settings.seed)}
         progress(f"writing 128 px shards to {out}")
-        result["data"]["shards"] = write_shards(source, out, args)
+        result["data"]["shards"] = write_shards(source, out, settings)
         shards = resolve_shards(str(out))
         urls = shards.urls
 
-        check_prototype(shards, args)
-        result["one_core"] = bench_one_core(urls, shards, args)
-        result["workers"] = [bench_workers(shards, workers, args) for workers in (1, 2)]
-        result["prototype_workers"] = [bench_prototype_workers(shards, args, dt) for dt in (torch.float32, torch.uint8)]
+        check_prototype(shards, settings)
+        result["one_core"] = bench_one_core(urls, shards, settings)
+        result["workers"] = [bench_workers(shards, workers, settings) for workers in (1, 2)]
+        result["prototype_workers"] = [
+            bench_prototype_workers(shards, settings, dt) for dt in (torch.float32, torch.uint8)
+        ]
         per_core = result["one_core"]["loader_w0"]["images_per_s"]
         result["ratio"] = per_core / result["one_core"]["wds_torchrgb"]["images_per_s"]
         result["goal"] = GOAL
-        result["breakdown"] = bench_breakdown(urls, args, per_core)
+        result["breakdown"] = bench_breakdown(urls, settings, per_core)
         progress("workers per GPU (FLOPs of imagenet128.yaml)")
-        result["workers_per_gpu"] = workers_per_gpu(per_core, result["workers"][0]["images_per_s"], args)
+        result["workers_per_gpu"] = workers_per_gpu(per_core, result["workers"][0]["images_per_s"], settings)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    result["meta"]["load_avg_end"] = list(os.getloadavg())
+    result["meta"]["load_avg_end"] = load_avg()
     result["meta"]["wall_s"] = time.perf_counter() - start
-    print_report(result)
-    print(f"\n(total wall time {result['meta']['wall_s']:.0f} s)")
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if settings.json is not None:
+        write_json(settings.json, result)
     return result
-
-
-if __name__ == "__main__":
-    main()

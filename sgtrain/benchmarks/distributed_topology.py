@@ -55,16 +55,12 @@ update (both networks' masks changed) and that the sharded and naive schemes end
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import gc
 import hashlib
 import json
 import os
-import platform
 import resource
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -78,11 +74,12 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from sgtrain.benchmarks.harness import load_avg, machine, median_iqr, progress, write_json
 from sgtrain.comm import Comm, LocalComm
 from sgtrain.config import Config, load_config
+from sgtrain.models.build import build_models
 from sgtrain.sparse import MaskManager, masked_parameters
 from sgtrain.sparse.topology import mask_checksum
-from sgtrain.train import build_models
 
 NETWORKS = ("G", "D")
 MB = 1e6
@@ -91,18 +88,24 @@ OVERRIDES = {"model.init": "N02", "sparse.explore": "GD", "sparse.grow_g": "grad
 KINDS = ("reduce", "broadcast", "all_reduce")
 
 
-def progress(message: str) -> None:
-    # Progress goes to stderr so that stdout holds only the table.
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+@dataclass(kw_only=True)
+class Settings:
+    """Which parts to run, on which config, how many times."""
 
+    config: str = "imagenet128.yaml"  # a config with sparse.method=stu
+    reps: int = 3  # timed updates per case after 1 warm-up
+    ranks: str = "both"  # which part to run: "1", "2" or "both"
+    timeout: float = 1200.0  # seconds before a part's processes are killed
+    json: Path | None = None  # run() also writes every figure here
 
-def summary(seconds: list[float]) -> dict[str, Any]:
-    """Median and interquartile range (seconds), plus the raw values for the JSON."""
-    if len(seconds) >= 2:
-        q1, _, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
-    else:
-        q1 = q3 = seconds[0]
-    return {"median_s": statistics.median(seconds), "iqr_s": q3 - q1, "n": len(seconds), "all_s": seconds}
+    def __post_init__(self) -> None:
+        if self.reps < 1:
+            raise ValueError("--reps must be >= 1")
+        if self.ranks not in ("1", "2", "both"):
+            raise ValueError(f"--ranks must be 1, 2 or both, got {self.ranks!r}")
+        method = load_config(self.config, OVERRIDES).sparse.method
+        if method != "stu":
+            raise ValueError(f"--config must use sparse.method=stu, {self.config} has {method}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -356,7 +359,7 @@ def worker(rank: int, world: int, port: int, threads: list[int], config: str, re
         sync = Barrier(dist)
         cfg = load_config(config, OVERRIDES)
         torch.set_num_threads(threads[0])
-        G, D = build_models(cfg)
+        G, D = build_models(cfg.model, cfg.seed)
         models = {"G": G, "D": D}
         snapshot = [p.detach().clone() for net in NETWORKS for p in models[net].parameters()]
         if world == 1:
@@ -397,18 +400,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(world: int, threads: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+def launch(world: int, threads: list[int], settings: Settings) -> list[dict[str, Any]]:
     """Run :func:`worker` on ``world`` spawned processes and return every rank's figures (stops on any failure)."""
     context = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="sgtrain-bench-") as out_dir:
         processes = [
-            context.Process(target=worker, args=(rank, world, port, threads, args.config, args.reps, out_dir))
+            context.Process(target=worker, args=(rank, world, port, threads, settings.config, settings.reps, out_dir))
             for rank in range(world)
         ]
         for process in processes:
             process.start()
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + settings.timeout
         for process in processes:
             process.join(max(deadline - time.monotonic(), 0.0))
         hung = [p for p in processes if p.is_alive()]
@@ -419,7 +422,7 @@ def launch(world: int, threads: list[int], args: argparse.Namespace) -> list[dic
         for rank, process in enumerate(processes):
             err = Path(out_dir, f"rank{rank}.err")
             if process in hung:
-                errors.append(f"rank {rank}: killed after --timeout {args.timeout} s")
+                errors.append(f"rank {rank}: killed after --timeout {settings.timeout} s")
             elif process.exitcode != 0:
                 text = err.read_text() if err.exists() else ""
                 errors.append(f"rank {rank}: exit code {process.exitcode}\n{text[-3000:]}")
@@ -442,7 +445,7 @@ def merge(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         n = len(timed[0])
 
         def slowest(key: str, timed: list[list[dict[str, Any]]] = timed, n: int = n) -> dict[str, Any]:
-            return summary([max(t[i][key] for t in timed) for i in range(n)])
+            return median_iqr([max(t[i][key] for t in timed) for i in range(n)])
 
         last = [t[-1] for t in timed]  # bytes are the same for every update of a case
         rows.append(
@@ -451,7 +454,7 @@ def merge(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "threads_per_rank": case["threads"],
                 "scheme": ("sharded" if case["sharded"] else "naive") if world > 1 else "any",
                 "scores": ("local" if case["local_scores"] else "DDP") if world > 1 else "any",
-                "update": summary([u["slowest_rank_s"] for u in timed[0]]),
+                "update": median_iqr([u["slowest_rank_s"] for u in timed[0]]),
                 "sections_slowest_rank": {key: slowest(key) for key in ("scores", "select", "cksum")},
                 "collective_s_slowest_rank": slowest("collective_s"),
                 "cpu_s_busiest_rank": slowest("cpu_s"),
@@ -483,17 +486,8 @@ def merge(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def print_report(result: dict[str, Any]) -> None:
+    """The table of a :func:`run` result, on stdout."""
     meta, rows = result["meta"], result["rows"]
     print(f"sgtrain distributed topology update   {meta['date']}")
     print(
@@ -550,6 +544,7 @@ def print_report(result: dict[str, Any]) -> None:
     print("peak resident memory per process: " + ", ".join(f"{n} rank(s) {gb:.1f} GB" for n, gb in peak.items()))
     for check in result["checks"]:
         print(check)
+    print(f"\n(total wall time {meta['wall_s']:.0f} s)")
 
 
 def check_agreement(rows: list[dict[str, Any]]) -> list[str]:
@@ -569,63 +564,32 @@ def check_agreement(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--config", default="imagenet128.yaml", help="config (sparse.method=stu); default %(default)s")
-    parser.add_argument("--reps", type=int, default=3, help="timed updates per case after 1 warm-up (default 3)")
-    parser.add_argument("--ranks", choices=("1", "2", "both"), default="both", help="which part to run (default both)")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a part's processes are killed")
-    parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
-    args = parser.parse_args(argv)
-    if args.reps < 1:
-        parser.error("--reps must be >= 1")
-    cfg = load_config(args.config, OVERRIDES)
-    if cfg.sparse.method != "stu":
-        parser.error(f"--config must use sparse.method=stu, {args.config} has {cfg.sparse.method}")
-    return args
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def run(settings: Settings) -> dict[str, Any]:
+    """The table's rows of the module docstring, ``{"meta", "masked_weights", "parameters", "rows", "checks"}``; also
+    written to ``settings.json`` when set."""
     start = time.perf_counter()
     default_threads = torch.get_num_threads()
-    result: dict[str, Any] = {
-        "meta": {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_model": cpu_model(),
-            "cpus": os.cpu_count(),
-            "default_threads": default_threads,
-            "config": f"{args.config} with " + ", ".join(f"{k}={v}" for k, v in OVERRIDES.items()),
-            "reps": args.reps,
-            "load_avg_start": list(os.getloadavg()),
-        }
+    meta = machine("date", "torch", "python", "cpu_model", "cpus", "default_threads") | {
+        "config": f"{settings.config} with " + ", ".join(f"{k}={v}" for k, v in OVERRIDES.items()),
+        "reps": settings.reps,
+        "load_avg_start": load_avg(),
     }
+    result: dict[str, Any] = {"meta": meta}
     ranks: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    if args.ranks in ("1", "both"):
+    if settings.ranks in ("1", "both"):
         threads = sorted({1, default_threads})
-        ranks = launch(1, threads, args)
+        ranks = launch(1, threads, settings)
         rows += merge(ranks)
-    if args.ranks in ("2", "both"):
-        ranks = launch(2, [1], args)
+    if settings.ranks in ("2", "both"):
+        ranks = launch(2, [1], settings)
         rows += merge(ranks)
     result["masked_weights"] = ranks[0]["masked_weights"]
     result["parameters"] = ranks[0]["parameters"]
     result["rows"] = rows
     result["checks"] = check_agreement(rows)
-    result["meta"]["load_avg_end"] = list(os.getloadavg())
+    result["meta"]["load_avg_end"] = load_avg()
     result["meta"]["wall_s"] = time.perf_counter() - start
-    print_report(result)
-    print(f"\n(total wall time {result['meta']['wall_s']:.0f} s)")
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if settings.json is not None:
+        write_json(settings.json, result)
     return result
-
-
-if __name__ == "__main__":
-    main()

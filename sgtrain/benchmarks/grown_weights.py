@@ -25,18 +25,28 @@ that the dense and masked medians lie in [0.3, 3] and that masked_zero's does no
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sgtrain.benchmarks.harness import write_json
 from sgtrain.benchmarks.sparse_overhead import build_run, train_iteration
 from sgtrain.config import load_config
 
 MODES = ("dense", "masked", "masked_zero")
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """The run before the update, and when the update comes."""
+
+    warmup: int = 30  # training iterations before the update
+    batch_size: int = 16  # global batch of the iterations
+    adam_step: int = 60_000  # Adam's step count at the update
+    seed: int = 0
+    json: Path | None = None  # run() also writes the figures here
 
 
 def _late_clock(optimizer: torch.optim.Adam, step: int) -> None:
@@ -118,16 +128,22 @@ def measure(
     }
 
 
-def run_all(*, warmup: int = 30, batch_size: int = 16, adam_step: int = 60_000, seed: int = 0) -> dict[str, Any]:
-    """:func:`measure` for every mode, with the settings it ran with."""
+def run(settings: Settings) -> dict[str, Any]:
+    """:func:`measure` for every mode, with the settings it ran with; also written to ``settings.json`` when set."""
+    s = settings
     results = {
-        mode: measure(mode, warmup=warmup, batch_size=batch_size, adam_step=adam_step, seed=seed) for mode in MODES
+        mode: measure(mode, warmup=s.warmup, batch_size=s.batch_size, adam_step=s.adam_step, seed=s.seed)
+        for mode in MODES
     }
-    settings = {"config": "cifar10.yaml", "warmup": warmup, "batch_size": batch_size, "adam_step": adam_step}
-    return {"settings": settings, "modes": results}
+    recorded = {"config": "cifar10.yaml", "warmup": s.warmup, "batch_size": s.batch_size, "adam_step": s.adam_step}
+    result = {"settings": recorded, "modes": results}
+    if settings.json is not None:
+        write_json(settings.json, result)
+    return result
 
 
 def print_report(result: dict[str, Any]) -> None:
+    """The table of a :func:`run` result, on stdout."""
     s = result["settings"]
     print(
         f"First Adam update of a grown G weight, |dw| / lr, {s['config']} at Adam step {s['adam_step']} "
@@ -137,21 +153,3 @@ def print_report(result: dict[str, Any]) -> None:
     for mode, r in result["modes"].items():
         g, k = r["grown"], r["kept"]
         print(f"   {mode:<13}{g['median']:>13.3f}{g['p10']:>8.3f}{g['p90']:>8.3f}{k['median']:>13.3f}{g['count']:>8}")
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--warmup", type=int, default=30, help="training iterations before the update")
-    parser.add_argument("--batch", type=int, default=16, help="global batch of the iterations")
-    parser.add_argument("--adam-step", type=int, default=60_000, help="Adam's step count at the update")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = parser.parse_args(argv)
-    result = run_all(warmup=args.warmup, batch_size=args.batch, adam_step=args.adam_step)
-    print_report(result)
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -29,16 +29,10 @@ claims (same initial weights, really sparse masks, both networks changed by the 
 
 from __future__ import annotations
 
-import argparse
-import datetime
+import dataclasses
 import gc
-import json
-import os
-import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,39 +40,62 @@ from typing import Any
 import torch
 from torch import nn
 
+from sgtrain.benchmarks.harness import load_avg, machine, median_iqr, progress, timed, write_json
 from sgtrain.config import Config, load_config
 from sgtrain.ema import EMA
 from sgtrain.flops import config_flops, format_flops
-from sgtrain.losses import d_hinge, g_hinge
 from sgtrain.models import Discriminator, Generator
+from sgtrain.models.build import build_models
+from sgtrain.parts import build_training, step_generator
 from sgtrain.sparse import MaskManager
-from sgtrain.train import build_models, build_training, step_generator
+from sgtrain.step import GanStep, LocalNetwork
 
 THREADS = 2  # the benchmark machine's cores; fixed so that figures from different machines compare like for like
 NETWORKS = ("G", "D")
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """What to measure. The repeat counts left None follow ``quick``; they are sized so that the default run takes
+    ~10 minutes on 2 cores and a quick one ~3."""
+
+    json: Path | None = None  # run() also writes every figure here
+    repeats: int | None = None  # timed CIFAR-10 iterations per side (40, quick 8)
+    batch: int = 8  # CIFAR-10 batch (paper: 50; 8 to fit a CPU)
+    d_steps: int = 1  # D steps per G step (paper: 4)
+    quick: bool = False  # fewer repeats everywhere
+    device: str = dataclasses.field(default_factory=default_device)  # the iteration's device
+    warmup: int | None = None  # untimed iterations per side before the timed ones (3, quick 2)
+    enforce_repeats: int | None = None  # timed rounds of mask enforcement (60, quick 20)
+    update_repeats: int | None = None  # timed ImageNet-128 topology updates (3, quick 1)
+    imagenet_batches: list[int] | None = None  # batches of the timed ImageNet-128 iterations ([2, 8], quick [2, 4])
+    imagenet_repeats: int | None = None  # timed ImageNet-128 iterations per batch (3, quick 1)
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.d_steps < 1:
+            raise ValueError("--batch and --d-steps must be >= 1")
+        quick = self.quick
+        self.repeats = self.repeats or (8 if quick else 40)  # 0 too means the default, as on the command line
+        if self.warmup is None:
+            self.warmup = 2 if quick else 3
+        if self.enforce_repeats is None:
+            self.enforce_repeats = 20 if quick else 60
+        if self.update_repeats is None:
+            self.update_repeats = 1 if quick else 3
+        if self.imagenet_batches is None:
+            self.imagenet_batches = [2, 4] if quick else [2, 8]
+        if self.imagenet_repeats is None:
+            self.imagenet_repeats = 1 if quick else 3
+        if self.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# Timing and statistics.
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    """Wall-clock seconds of one call; on a GPU, after its queued kernels have finished (CPU kernels have by then)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
-def summary(seconds: list[float]) -> dict[str, Any]:
-    """Median and interquartile range of a list of timings (seconds), plus the raw values for the JSON."""
-    if len(seconds) >= 2:
-        q1, _, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
-    else:
-        q1 = q3 = seconds[0]
-    return {"median_s": statistics.median(seconds), "iqr_s": q3 - q1, "n": len(seconds), "all_s": seconds}
+# Table cells.
 
 
 def fmt_time(seconds: float) -> str:
@@ -91,13 +108,8 @@ def fmt_time(seconds: float) -> str:
 
 
 def stat_row(label: str, stats: dict[str, Any]) -> str:
-    """One table row: label, median, IQR and number of timings of a :func:`summary`."""
+    """One table row: label, median, IQR and number of timings of a :func:`median_iqr`."""
     return f"   {label:<42}{fmt_time(stats['median_s']):>10}  IQR {fmt_time(stats['iqr_s'])}  n {stats['n']}"
-
-
-def progress(message: str) -> None:
-    # Progress goes to stderr so that stdout holds only the tables.
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -133,14 +145,12 @@ def build_run(cfg: Config, device: torch.device | str = "cpu") -> Run:
 
 
 def train_iteration(run: Run, *, on_schedule: bool = False) -> dict[str, float]:
-    """One G iteration: ``d_steps`` D steps, one G step, EMA, ``maybe_update``; the same sections as ``train.py``.
-
-    Single process, no accumulation and no autocast, so ``G_ddp`` is ``G`` and ``no_sync`` is a no-op. The step is
-    advanced past update steps, to measure the steady state between topology updates; ``on_schedule`` takes the
-    next step as it comes, update or not. Returns ``maybe_update``'s metrics.
+    """One G iteration, :class:`sgtrain.step.GanStep` as the loop runs it: ``d_steps`` D steps, one G step, EMA,
+    ``maybe_update``. Single process, no accumulation and no autocast. The step is advanced past update steps, to
+    measure the steady state between topology updates; ``on_schedule`` takes the next step as it comes, update or
+    not. Returns ``maybe_update``'s metrics.
     """
-    cfg, G, D, masks = run.cfg, run.G, run.D, run.masks
-    t, micro = cfg.train, cfg.train.batch_size
+    cfg, masks, micro = run.cfg, run.masks, run.cfg.train.batch_size
     step = run.step + 1
     while not on_schedule and masks.schedule.is_update_step(step):
         step += 1
@@ -151,37 +161,16 @@ def train_iteration(run: Run, *, on_schedule: bool = False) -> dict[str, float]:
         y = torch.randint(cfg.model.n_classes, (micro,), generator=rng)
         return z.to(run.real.device), y.to(run.real.device)
 
-    # Update discriminator.
-    G.train()
-    D.train()
-    for _ in range(t.d_steps):
-        run.opt_d.zero_grad(set_to_none=True)
-        z, y_fake = latents()
-        with torch.no_grad():
-            fake = G(z, y_fake)
-        logits = D(torch.cat([run.real, fake]), torch.cat([run.y_real, y_fake]))
-        loss_real, loss_fake = d_hinge(logits[:micro], logits[micro:])
-        (loss_real + loss_fake).backward()
-        masks.before_step("D")
-        run.opt_d.step()
-        masks.after_step("D")
-
-    # Update generator: D frozen, so its weight gradients are not computed.
-    D.requires_grad_(False)
-    run.opt_g.zero_grad(set_to_none=True)
-    z, y = latents()
-    g_hinge(D(G(z, y), y)).backward()
-    D.requires_grad_(True)
-    masks.before_step("G")
-    run.opt_g.step()
-    masks.after_step("G")
-
-    # Update EMA (sparse: masked with G's mask).
-    run.ema.update(G, step)
-    masks.after_ema(run.ema.module)
-
-    # Topology update: never due here unless on_schedule (see above), but the call is part of every iteration.
-    metrics = masks.maybe_update(step)
+    # The training loop's own iteration (D steps on a fixed real batch, G step, EMA, topology update), in one
+    # process: its topology update is never due here unless on_schedule (see above).
+    gan = GanStep(
+        G=LocalNetwork(run.G, run.opt_g),
+        D=LocalNetwork(run.D, run.opt_d),
+        masks=masks,
+        ema=run.ema,
+        d_steps=cfg.train.d_steps,
+    )
+    metrics = gan(step - 1, lambda: (run.real, run.y_real), latents).topology
     if metrics and not on_schedule:
         raise RuntimeError(f"step {step} ran a topology update; this benchmark times the steps between them")
     run.step = step
@@ -190,7 +179,7 @@ def train_iteration(run: Run, *, on_schedule: bool = False) -> dict[str, float]:
 
 def check_same_init(a: Config, b: Config) -> None:
     """Stop unless two configs build bit-identical G and D: dense and sparse must start from the same weights."""
-    (g_a, d_a), (g_b, d_b) = build_models(a), build_models(b)
+    (g_a, d_a), (g_b, d_b) = build_models(a.model, a.seed), build_models(b.model, b.seed)
     for x, y in ((g_a, g_b), (d_a, d_b)):
         for (name, p), (_, q) in zip(x.state_dict().items(), y.state_dict().items(), strict=True):
             if not torch.equal(p, q):
@@ -215,37 +204,38 @@ def fill_fake_grads(module: nn.Module, generator: torch.Generator) -> None:
 # 1. Sparse vs dense training iteration (CIFAR-10).
 
 
-def bench_iteration(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = {"train.batch_size": args.batch, "train.d_steps": args.d_steps}
-    config = getattr(args, "config", "cifar10.yaml")
+def bench_iteration(settings: Settings, config: str = "cifar10.yaml") -> dict[str, Any]:
+    """A training iteration of ``config``, dense vs its sparse method, interleaved (``sgtrain bench --suite step``
+    runs it for each model config)."""
+    overrides = {"train.batch_size": settings.batch, "train.d_steps": settings.d_steps}
     cfg_sparse = load_config(config, overrides)
     dense = {"sparse.method": "dense", "sparse.density_g": 1.0, "sparse.density_d": 1.0}  # as cifar10_dense.yaml
     cfg_dense = load_config(config, {**overrides, **dense})
     check_same_init(cfg_sparse, cfg_dense)
-    runs = {"dense": build_run(cfg_dense, args.device), "sparse": build_run(cfg_sparse, args.device)}
+    runs = {"dense": build_run(cfg_dense, settings.device), "sparse": build_run(cfg_sparse, settings.device)}
     densities = {name: {net: density(run.masks, net) for net in NETWORKS} for name, run in runs.items()}
     if densities["sparse"]["G"] > 0.5 or densities["dense"]["G"] < 1.0:
         raise RuntimeError(f"the sparse run is not sparse or the dense run not dense: {densities}")
     flops = config_flops(cfg_sparse)["train_iteration"]
 
-    progress(f"{config} iteration: warm-up {args.warmup} + {args.repeats} interleaved rounds")
-    for _ in range(args.warmup):  # first steps allocate Adam's state and warm the allocator's caches
+    progress(f"{config} iteration: warm-up {settings.warmup} + {settings.repeats} interleaved rounds")
+    for _ in range(settings.warmup):  # first steps allocate Adam's state and warm the allocator's caches
         for run in runs.values():
             train_iteration(run)
     gc.collect()
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    for i in range(args.repeats):
+    for i in range(settings.repeats):
         # ABAB... with the order flipped every round, so neither side always runs on the other's warm caches.
         order = ("dense", "sparse") if i % 2 == 0 else ("sparse", "dense")
         for name in order:
             times[name].append(timed(lambda run=runs[name]: train_iteration(run)))
-    stats = {name: summary(values) for name, values in times.items()}
+    stats = {name: median_iqr(values) for name, values in times.items()}
     ratios = [s / d for s, d in zip(times["sparse"], times["dense"], strict=True)]
     return {
         "config": f"{config} vs the same with sparse.method=dense",
-        "device": str(args.device),
-        "batch_size": args.batch,
-        "d_steps": args.d_steps,
+        "device": str(settings.device),
+        "batch_size": settings.batch,
+        "d_steps": settings.d_steps,
         "measured_density": densities,
         "dense_iteration_flops": flops["dense"],
         "dense": stats["dense"],
@@ -279,9 +269,13 @@ def naive_mask_weights(module: nn.Module, masks: dict[str, torch.Tensor]) -> Non
     module.load_state_dict(state)
 
 
-def bench_enforcement(args: argparse.Namespace) -> dict[str, Any]:
+def bench_enforcement(settings: Settings) -> dict[str, Any]:
     # Masked mode: gradients and weights are both masked (the authors' dense mode masks the weights only: half this).
-    overrides = {"train.batch_size": args.batch, "train.d_steps": args.d_steps, "sparse.optimizer_state": "masked"}
+    overrides = {
+        "train.batch_size": settings.batch,
+        "train.d_steps": settings.d_steps,
+        "sparse.optimizer_state": "masked",
+    }
     cfg = load_config("cifar10.yaml", overrides)
     run = build_run(cfg)
     masks, modules = run.masks, {"G": run.G, "D": run.D}
@@ -312,17 +306,17 @@ def bench_enforcement(args: argparse.Namespace) -> dict[str, Any]:
     if not all(torch.equal(a, b) for a, b in zip(*results, strict=True)):
         raise RuntimeError("the naive masking and the manager's masking disagree")
 
-    progress(f"mask enforcement: {args.enforce_repeats} interleaved rounds")
+    progress(f"mask enforcement: {settings.enforce_repeats} interleaved rounds")
     for _ in range(3):
         manager()
         naive()
     gc.collect()
     times: dict[str, list[float]] = {"manager": [], "naive": []}
-    for i in range(args.enforce_repeats):
+    for i in range(settings.enforce_repeats):
         order = (("manager", manager), ("naive", naive))
         for name, fn in order if i % 2 == 0 else order[::-1]:
             times[name].append(timed(fn))
-    stats = {name: summary(values) for name, values in times.items()}
+    stats = {name: median_iqr(values) for name, values in times.items()}
     masked = sum(layer.numel for net in NETWORKS for layer in masks.layers[net])
     total = sum(p.numel() for m in modules.values() for p in m.parameters())
     return {
@@ -344,13 +338,13 @@ def bench_enforcement(args: argparse.Namespace) -> dict[str, Any]:
 IMAGENET_OVERRIDES = {"model.init": "N02"}
 
 
-def bench_topology(args: argparse.Namespace) -> dict[str, Any]:
+def bench_topology(settings: Settings) -> dict[str, Any]:
     cfg = load_config(
         "imagenet128.yaml",
         {**IMAGENET_OVERRIDES, "sparse.explore": "GD", "sparse.grow_g": "gradient", "sparse.grow_d": "random"},
     )
     progress("ImageNet-128 topology update: building G and D")
-    G, D = build_models(cfg)
+    G, D = build_models(cfg.model, cfg.seed)
     optimizers = {
         "G": torch.optim.Adam(G.parameters(), lr=cfg.train.g_lr, betas=tuple(cfg.train.betas)),
         "D": torch.optim.Adam(D.parameters(), lr=cfg.train.d_lr, betas=tuple(cfg.train.betas)),
@@ -370,9 +364,9 @@ def bench_topology(args: argparse.Namespace) -> dict[str, Any]:
 
     every = cfg.sparse.update_every
     capture, update, changes = [], [], []
-    for i in range(args.update_repeats):
+    for i in range(settings.update_repeats):
         step = (i + 1) * every
-        progress(f"ImageNet-128 topology update {i + 1}/{args.update_repeats} at G step {step}")
+        progress(f"ImageNet-128 topology update {i + 1}/{settings.update_repeats} at G step {step}")
         for module in modules.values():
             fill_fake_grads(module, generator)
         masks.step = step - 1  # as after G step ``step - 1``: the coming G step's before_step reads the scores
@@ -398,16 +392,16 @@ def bench_topology(args: argparse.Namespace) -> dict[str, Any]:
         "masked_weights": weights,
         "drop_fraction": changes[0].get("sparse/drop_fraction"),
         "metrics": changes,
-        "score_capture": summary(capture),
-        "maybe_update": summary(update),
+        "score_capture": median_iqr(capture),
+        "maybe_update": median_iqr(update),
     }
 
 
-def bench_imagenet_iteration(args: argparse.Namespace, global_batch_update: float) -> dict[str, Any]:
+def bench_imagenet_iteration(settings: Settings, global_batch_update: float) -> dict[str, Any]:
     """A sparse ImageNet-128 iteration at two small batches, extrapolated to the config's global batch."""
     base = load_config("imagenet128.yaml", IMAGENET_OVERRIDES)
     global_batch = base.train.batch_size
-    batches = sorted(set(args.imagenet_batches))
+    batches = sorted(set(settings.imagenet_batches))
     times: dict[int, dict[str, Any]] = {}
     for batch in batches:
         cfg = load_config(
@@ -416,10 +410,12 @@ def bench_imagenet_iteration(args: argparse.Namespace, global_batch_update: floa
         )
         progress(f"ImageNet-128 iteration at batch {batch}: building")
         run = build_run(cfg)
-        progress(f"ImageNet-128 iteration at batch {batch}: warm-up 1 + {args.imagenet_repeats} timed")
+        progress(f"ImageNet-128 iteration at batch {batch}: warm-up 1 + {settings.imagenet_repeats} timed")
         train_iteration(run)
         gc.collect()
-        times[batch] = summary([timed(lambda run=run: train_iteration(run)) for _ in range(args.imagenet_repeats)])
+        times[batch] = median_iqr(
+            [timed(lambda run=run: train_iteration(run)) for _ in range(settings.imagenet_repeats)]
+        )
         del run
         gc.collect()
     flops_per_image = config_flops(base)["train_iteration"]["dense"] / global_batch
@@ -455,17 +451,8 @@ def bench_imagenet_iteration(args: argparse.Namespace, global_batch_update: floa
 # Report.
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def print_report(result: dict[str, Any]) -> None:
+    """The tables of a :func:`run` result, on stdout."""
     meta = result["meta"]
     print(f"sgtrain sparse overhead   {meta['date']}")
     print(f"torch {meta['torch']}, {meta['threads']} threads, CPU {meta['cpu_model']} ({meta['cpus']} logical)")
@@ -528,66 +515,23 @@ def print_report(result: dict[str, Any]) -> None:
         f"   one update = {100 * im['update_vs_iteration']:.2f}% of one extrapolated iteration; every "
         f"{im['update_every']} G steps that is {im['amortized_update_pct']:.2g}% of training time"
     )
+    print(f"\n(total wall time {meta['wall_s']:.0f} s)")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="timed CIFAR-10 iterations per side (default 40, --quick 8)"
-    )
-    parser.add_argument("--batch", type=int, default=8, help="CIFAR-10 batch (paper: 50; default 8 to fit a CPU)")
-    parser.add_argument("--d-steps", type=int, default=1, help="D steps per G step (paper: 4; default 1)")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats everywhere (~3 minutes)")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the iteration's device (%(default)s)"
-    )
-    args = parser.parse_args(argv)
-    if args.batch < 1 or args.d_steps < 1:
-        parser.error("--batch and --d-steps must be >= 1")
-    # Repeat counts sized so that the default run takes ~10 minutes on 2 cores and --quick ~3.
-    args.warmup = 2 if args.quick else 3
-    args.repeats = args.repeats or (8 if args.quick else 40)
-    args.enforce_repeats = 20 if args.quick else 60
-    args.update_repeats = 1 if args.quick else 3
-    args.imagenet_batches = [2, 4] if args.quick else [2, 8]
-    args.imagenet_repeats = 1 if args.quick else 3
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    return args
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def run(settings: Settings) -> dict[str, Any]:
+    """The three measurements of the module docstring, ``{"meta", "iteration", "enforcement", "topology",
+    "imagenet_iteration"}``; also written to ``settings.json`` when set."""
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
-    result: dict[str, Any] = {
-        "meta": {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_model": cpu_model(),
-            "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "load_avg_start": list(os.getloadavg()),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }
-    }
-    result["iteration"] = bench_iteration(args)
-    result["enforcement"] = bench_enforcement(args)
-    result["topology"] = bench_topology(args)
-    result["imagenet_iteration"] = bench_imagenet_iteration(args, result["topology"]["maybe_update"]["median_s"])
-    result["meta"]["load_avg_end"] = list(os.getloadavg())
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()}
+    meta = machine("date", "torch", "python", "cpu_model", "cpus", "threads", "load_avg_start") | {"args": args}
+    result: dict[str, Any] = {"meta": meta}
+    result["iteration"] = bench_iteration(settings)
+    result["enforcement"] = bench_enforcement(settings)
+    result["topology"] = bench_topology(settings)
+    result["imagenet_iteration"] = bench_imagenet_iteration(settings, result["topology"]["maybe_update"]["median_s"])
+    result["meta"]["load_avg_end"] = load_avg()
     result["meta"]["wall_s"] = time.perf_counter() - start
-    print_report(result)
-    print(f"\n(total wall time {result['meta']['wall_s']:.0f} s)")
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if settings.json is not None:
+        write_json(settings.json, result)
     return result
-
-
-if __name__ == "__main__":
-    main()

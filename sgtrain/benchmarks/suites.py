@@ -10,7 +10,7 @@ Suites (``--suite all`` runs them in this order; each warms up, repeats and repo
 - ``data``: sgtrain's shard loader vs raw webdataset decode at 128 px (``sgtrain.benchmarks.data_throughput``).
 - ``eval``: feature extraction, images/s: the digits classifier, and the TF-Inception network when its file is here.
 - ``export``: the sparse export's file size against the dense file and the goal, and sparse vs dense inference of
-  the 32x32 generator at batch 1 and 64 (``sgtrain.export``, ``sgtrain.sparse_inference``).
+  the 32x32 generator at batch 1 and 64 (``sgtrain.export``, ``sgtrain.benchmarks.sparse_inference``).
 - ``grown``: not a speed: the first Adam step of a weight the CIFAR-10 G grows late in a run, ``|dw| / lr``, in each
   optimizer-state mode (``sgtrain.benchmarks.grown_weights``).
 
@@ -21,36 +21,35 @@ check the JSON's schema): its timings mean nothing.
 
 from __future__ import annotations
 
-import datetime
+import contextlib
+import io
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sgtrain.benchmarks import data_throughput, distributed_topology, grown_weights, sparse_inference, sparse_overhead
+from sgtrain.benchmarks.harness import load_avg, machine, median_seconds, progress, write_json
 from sgtrain.config import ConfigError
 
 SUITES = ("step", "masks", "topology", "data", "eval", "export", "grown")
 FORMAT = "sgtrain-bench/1"
 
 
-def _overhead_args(tiny: bool) -> Any:
-    from sgtrain.benchmarks.sparse_overhead import parse_args
-
-    args = parse_args(["--quick", *(["--repeats", "1", "--batch", "2"] if tiny else [])])
+def _overhead_settings(tiny: bool) -> sparse_overhead.Settings:
+    """The step and masks suites' settings: ``sparse_overhead``'s quick counts; tiny, one timed round at batch 2."""
     if tiny:
-        args.warmup, args.enforce_repeats = 1, 2
-    return args
+        return sparse_overhead.Settings(quick=True, repeats=1, batch=2, warmup=1, enforce_repeats=2)
+    return sparse_overhead.Settings(quick=True)
 
 
 def suite_step(tiny: bool) -> dict[str, Any]:
-    from sgtrain.benchmarks.sparse_overhead import bench_iteration
     from sgtrain.config import load_config
     from sgtrain.flops import config_flops
 
@@ -58,9 +57,7 @@ def suite_step(tiny: bool) -> dict[str, Any]:
     configs = ["digits.yaml", "cifar10.yaml"] + (["imagenet128.yaml"] if torch.cuda.is_available() else [])
     figures: dict[str, Any] = {}
     for config in configs[:1] if tiny else configs:
-        args = _overhead_args(tiny)
-        args.config = config
-        one = bench_iteration(args)
+        one = sparse_overhead.bench_iteration(_overhead_settings(tiny), config)
         one["sparse_vs_dense_time"] = one["sparse"]["median_s"] / one["dense"]["median_s"]
         # What a sparse kernel could save, for comparison: masked dense training spends the dense FLOPs.
         one["sparse_vs_dense_flops"] = config_flops(load_config(config))["train_iteration"]["sparse_fraction"]
@@ -69,16 +66,13 @@ def suite_step(tiny: bool) -> dict[str, Any]:
 
 
 def suite_masks(tiny: bool) -> dict[str, Any]:
-    from sgtrain.benchmarks.sparse_overhead import bench_enforcement
-
-    return bench_enforcement(_overhead_args(tiny))
+    return sparse_overhead.bench_enforcement(_overhead_settings(tiny))
 
 
 def suite_topology(tiny: bool) -> dict[str, Any]:
-    from sgtrain.benchmarks.distributed_topology import main
-
     config = "digits.yaml" if tiny else "cifar10.yaml"
-    figures = main(["--config", config, "--reps", "1" if tiny else "2"])
+    figures = distributed_topology.run(distributed_topology.Settings(config=config, reps=1 if tiny else 2))
+    distributed_topology.print_report(figures)
     by_case = {f"{r['ranks']}r/{r['scheme']}/{r['scores']}/{r['threads_per_rank']}t": r for r in figures["rows"]}
     figures["update_s"] = {case: row["update"]["median_s"] for case, row in by_case.items()}
     figures["sent_bytes_per_rank"] = {case: row["per_rank"][0]["sent_bytes"] for case, row in by_case.items()}
@@ -86,16 +80,15 @@ def suite_topology(tiny: bool) -> dict[str, Any]:
 
 
 def suite_data(tiny: bool) -> dict[str, Any]:
-    from sgtrain.benchmarks.data_throughput import main
-
-    size = ["--images", "120", "--shard-size", "30", "--repeats", "1"] if tiny else ["--images", "1200"]
-    return main([*size, "--shard-size", "150"] if not tiny else size)
+    size = {"images": 120, "shard_size": 30, "repeats": 1} if tiny else {"images": 1200, "shard_size": 150}
+    figures = data_throughput.run(data_throughput.Settings(**size))
+    data_throughput.print_report(figures)
+    return figures
 
 
 def suite_eval(tiny: bool) -> dict[str, Any]:
     from sgtrain.metrics.classifier import classifier_extractor
     from sgtrain.metrics.features import find_inception_file, inception_extractor
-    from sgtrain.sparse_inference import median_seconds
 
     figures: dict[str, Any] = {}
     images = torch.rand(64 if tiny else 512, 3, 32, 32) * 2 - 1
@@ -115,7 +108,6 @@ def suite_eval(tiny: bool) -> dict[str, Any]:
 def suite_export(tiny: bool) -> dict[str, Any]:
     from sgtrain.config import load_config
     from sgtrain.export import export_generator
-    from sgtrain.sparse_inference import benchmark_inference
     from sgtrain.train import train
 
     figures: dict[str, Any] = {}
@@ -136,30 +128,25 @@ def suite_export(tiny: bool) -> dict[str, Any]:
             summary["coded_vs_goal"] = summary["coded_bytes"] / max(summary["goal_bytes"], 1)
             sizes[str(density)] = summary
         figures["size"] = sizes
-    densities = (1.0, 0.1) if tiny else (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
-    batches = (1, 4) if tiny else (1, 64)
     repeats = 1 if tiny else 3
-    figures["inference"] = benchmark_inference(
-        densities=densities,
-        batches=batches,
-        repeats=repeats,
-        calibration_repeats=repeats,
-        threads=torch.get_num_threads(),
+    figures["inference"] = sparse_inference.run(
+        sparse_inference.Settings(
+            densities=(1.0, 0.1) if tiny else (1.0, 0.5, 0.3, 0.2, 0.1, 0.05),
+            batches=(1, 4) if tiny else (1, 64),
+            repeats=repeats,
+            calibration_repeats=repeats,
+            threads=torch.get_num_threads(),
+        )
     )
     return figures
 
 
 def suite_grown(tiny: bool) -> dict[str, Any]:
-    from sgtrain.benchmarks.grown_weights import run_all
-
-    return run_all(warmup=2, batch_size=2) if tiny else run_all()
+    return grown_weights.run(grown_weights.Settings(warmup=2, batch_size=2) if tiny else grown_weights.Settings())
 
 
 def _quietly(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` with its stdout and stderr (progress bars, start lines) discarded."""
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return fn()
 
@@ -173,22 +160,6 @@ SUITE_FUNCTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "export": suite_export,
     "grown": suite_grown,
 }
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    from sgtrain.benchmarks.sparse_overhead import cpu_model
-
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_model": cpu_model(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_avg_start": list(os.getloadavg()),
-    }
 
 
 def summarize(suites: dict[str, Any]) -> dict[str, Any]:
@@ -228,31 +199,48 @@ def summarize(suites: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_bench(suite: str = "all", json_path: str | Path | None = None, *, tiny: bool = False) -> dict[str, Any]:
-    """Run ``suite`` (a name of :data:`SUITES`, a comma-separated list, or ``all``) and return (and write) the
-    figures as ``{"format", "machine", "suites": {name: figures}, "summary", "wall_s"}``."""
-    names = list(SUITES) if suite == "all" else [s.strip() for s in str(suite).split(",") if s.strip()]
-    unknown = [name for name in names if name not in SUITES]
-    if unknown or not names:
-        raise ConfigError(f"--suite must be all or some of {', '.join(SUITES)}, got {suite!r}")
-    if json_path is not None and not Path(json_path).parent.is_dir():
-        raise ConfigError(f"--json {json_path}: its directory does not exist")
+@dataclass(kw_only=True)
+class Settings:
+    """Which suites to run, and where to write the JSON."""
+
+    suite: str = "all"  # a name of SUITES, a comma-separated list of them, or all
+    json: Path | str | None = None  # also write every figure here (its directory must exist)
+    tiny: bool = False  # every suite shrunk to a smoke test: its timings mean nothing
+
+    def __post_init__(self) -> None:
+        names = self.names
+        if not names or any(name not in SUITES for name in names):
+            raise ConfigError(f"--suite must be all or some of {', '.join(SUITES)}, got {self.suite!r}")
+        # Checked before any suite runs, not after minutes of measuring.
+        if self.json is not None and not Path(self.json).parent.is_dir():
+            raise ConfigError(f"--json {self.json}: its directory does not exist")
+
+    @property
+    def names(self) -> list[str]:
+        """The suites to run, in the order named."""
+        return list(SUITES) if self.suite == "all" else [s.strip() for s in str(self.suite).split(",") if s.strip()]
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Run the suites of ``settings`` and return (and write) the figures as ``{"format", "command", "machine",
+    "tiny", "suites": {name: figures}, "summary", "wall_s"}``."""
     start = time.perf_counter()
-    result: dict[str, Any] = {"format": FORMAT, "command": " ".join(sys.argv), "machine": machine(), "tiny": tiny}
+    probe = machine("date", "cpu_model", "cpus", "torch_threads", "gpu", "torch", "python", "load_avg_start")
+    result: dict[str, Any] = {"format": FORMAT, "command": " ".join(sys.argv), "machine": probe, "tiny": settings.tiny}
     result["suites"] = {}
     threads = torch.get_num_threads()
-    for name in names:
-        print(f"sgtrain bench: {name} ...", file=sys.stderr, flush=True)
+    for name in settings.names:
+        progress(f"sgtrain bench: {name} ...", stamp=False)
         torch.set_num_threads(threads)  # a suite may pin its own count (data: 1 core); the next starts afresh
         began = time.perf_counter()
-        figures = SUITE_FUNCTIONS[name](tiny)
+        figures = SUITE_FUNCTIONS[name](settings.tiny)
         figures["wall_s"] = time.perf_counter() - began
         result["suites"][name] = figures
     result["summary"] = summarize(result["suites"])
-    result["machine"]["load_avg_end"] = list(os.getloadavg())
+    result["machine"]["load_avg_end"] = load_avg()
     result["wall_s"] = time.perf_counter() - start
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if settings.json is not None:
+        write_json(settings.json, result, indent=1)
     return result
 
 
