@@ -53,13 +53,8 @@ class StepLatents:
     :func:`step_generator` and returns this rank's slice ``mine`` of it, on ``device``."""
 
     def __init__(self, cfg: Config, step: int, *, global_batch: int, mine: slice, device: torch.device) -> None:
-        self.rng, self.cfg, self.global_batch, self.mine, self.device = (
-            step_generator(cfg.seed, step),
-            cfg,
-            global_batch,
-            mine,
-            device,
-        )
+        self.rng = step_generator(cfg.seed, step)
+        self.cfg, self.global_batch, self.mine, self.device = cfg, global_batch, mine, device
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.cfg.model
