@@ -109,12 +109,18 @@ class GanStep:
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
     is_finite: Callable[[str, list[torch.Tensor], nn.Module], bool] = always_finite
     probe: Callable[[str], None] | None = None
+    # ADAPT's balance ratio: every ``balance_every`` iterations (0: never) ``on_balance(real, before, after)`` gets this
+    # rank's D logits of the last real batch, of the G step's fakes and of the same latents' fakes after the G step.
+    balance_every: int = 0
+    on_balance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    _last_real: Batch | None = field(default=None, init=False, repr=False)
 
     def __call__(self, step: int, real: Callable[[], Batch], latents: Callable[[], Batch]) -> StepResult:
         """Train iteration ``step`` (0-based): afterwards G has taken step ``step + 1``."""
         result = StepResult()
+        sample = self.balance_every > 0 and (step + 1) % self.balance_every == 0
         self.discriminator_updates(real, latents, result)
-        self.generator_update(latents, result)
+        self.generator_update(latents, result, balance=sample)
         # Update EMA (sparse: masked with G's mask).
         if self.ema is not None:
             self.ema.update(self.G.module, step + 1)
@@ -148,12 +154,13 @@ class GanStep:
                         loss_real, loss_fake = self.losses.discriminator(logits[: len(x)], logits[len(x) :])
                     D.backward((loss_real + loss_fake) / self.accumulation)  # (a DeepSpeed step: not under autocast)
                 losses.append(torch.stack([loss_real.detach(), loss_fake.detach()]) / self.accumulation)
+                self._last_real = (x, y_real)  # the balance ratio's E[D(x)] is D's score of the last real batch
             if not self.is_finite("D", losses, D.module):
                 continue
             result.d_losses.append(torch.stack(losses).sum(0))
             self._update("D", D)
 
-    def generator_update(self, latents: Callable[[], Batch], result: StepResult) -> None:
+    def generator_update(self, latents: Callable[[], Batch], result: StepResult, *, balance: bool = False) -> None:
         # D's parameters are frozen and D is called unwrapped, so this backward neither produces D gradients nor
         # makes DDP (or a DeepSpeed engine) reduce them.
         G, D = self.G, self.D.module
@@ -164,13 +171,25 @@ class GanStep:
             z, y = latents()
             with G.accumulating(last=rnd == self.accumulation - 1):
                 with self.autocast():
-                    loss = self.losses.generator(_call(D, _call(G, z, y), y))
+                    logits = _call(D, _call(G, z, y), y)
+                    loss = self.losses.generator(logits)
                 G.backward(loss / self.accumulation)
             losses.append(loss.detach() / self.accumulation)
         D.requires_grad_(True)
         if self.is_finite("G", losses, G.module):
             result.g_loss = torch.stack(losses).sum()
             self._update("G", G)
+        if balance and self.on_balance is not None and self._last_real is not None:
+            # One extra D pass (unwrapped: nothing to reduce) over the last real batch and the last round's latents
+            # through the updated G, both networks in training mode as in the G step: D is the one that scored the
+            # fakes before the step, so "before" and "after" differ by the G update only (as YiteWang/ADAPT does; as
+            # there, training mode means this pass also moves G's batch-norm statistics and D's spectral-norm vectors).
+            x, y_real = self._last_real
+            with torch.no_grad(), self.autocast():
+                fake = _call(G.module, z, y)
+                both = None if y_real is None else torch.cat([y_real, y])
+                scores = _call(D, torch.cat([x, fake.to(x.dtype)]), both)
+            self.on_balance(scores[: len(x)], logits.detach(), scores[len(x) :])
 
     def _update(self, net: str, network: Trainable) -> None:
         if self.probe is not None:
