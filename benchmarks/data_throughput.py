@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sgtrain.benchmarks import data_throughput as suite
-from sgtrain.benchmarks.harness import command_line, parse_settings
+from sgtrain.benchmarks.harness import command_line, run_command_line
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -25,12 +25,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--seed", type=int, help="seed of the synthetic images and the loader")
     parser.add_argument("--workdir", type=Path, help="keep the images and shards here (default: temp)")
-    settings = parse_settings(parser, suite.Settings, argv)
-    result = suite.run(settings)
-    suite.print_report(result)
-    if settings.json is not None:
-        print(f"wrote {settings.json}")
-    return result
+    return run_command_line(parser, suite, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sgtrain.benchmarks import distributed_topology as suite
-from sgtrain.benchmarks.harness import command_line, parse_settings
+from sgtrain.benchmarks.harness import command_line, run_command_line
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -17,12 +17,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ranks", choices=("1", "2", "both"), help="which part to run (default both)")
     parser.add_argument("--timeout", type=float, help="seconds before a part's processes are killed")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
-    settings = parse_settings(parser, suite.Settings, argv)
-    result = suite.run(settings)
-    suite.print_report(result)
-    if settings.json is not None:
-        print(f"wrote {settings.json}")
-    return result
+    return run_command_line(parser, suite, argv)
 
 
 if __name__ == "__main__":

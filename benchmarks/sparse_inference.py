@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sgtrain.benchmarks import sparse_inference as suite
-from sgtrain.benchmarks.harness import command_line, parse_settings
+from sgtrain.benchmarks.harness import command_line, run_command_line
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -20,12 +20,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calibration-repeats", type=int, help="timed calls per kernel and layer")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: 2 cores)")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
-    settings = parse_settings(parser, suite.Settings, argv)
-    result = suite.run(settings)
-    suite.print_report(result)
-    if settings.json is not None:
-        print(f"wrote {settings.json}")
-    return result
+    return run_command_line(parser, suite, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sgtrain.benchmarks import sparse_overhead as suite
-from sgtrain.benchmarks.harness import command_line, parse_settings
+from sgtrain.benchmarks.harness import command_line, run_command_line
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -18,12 +18,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--d-steps", type=int, help="D steps per G step (paper: 4; default 1)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats everywhere (~3 minutes)")
     parser.add_argument("--device", help=f"the iteration's device ({suite.default_device()})")
-    settings = parse_settings(parser, suite.Settings, argv)
-    result = suite.run(settings)
-    suite.print_report(result)
-    if settings.json is not None:
-        print(f"wrote {settings.json}")
-    return result
+    return run_command_line(parser, suite, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from multiprocess import assert_all_succeeded, run_ranks
+from stops import StopAfter
 from torch import nn
 
 from sgtrain import checkpoint
@@ -18,7 +19,7 @@ from sgtrain.examples import dcgan
 from sgtrain.parts import build_training
 from sgtrain.sparse.distribution import active_counts, layer_densities
 from sgtrain.sparse.topology import pack_mask
-from sgtrain.stopping import StoppedEarly, StopRequest
+from sgtrain.stopping import StoppedEarly
 from sgtrain.train import train
 
 BUILDER = "sgtrain.examples.dcgan:build"
@@ -91,18 +92,6 @@ def _train_rank(_rank: int, cfg_dict: dict[str, Any]) -> None:
         dist.shutdown()
 
 
-class _StopAfter(StopRequest):
-    """Asks to stop when the loop checks after G step ``after`` (it checks once per step)."""
-
-    def __init__(self, after: int) -> None:
-        super().__init__(stop_file="")
-        self.after, self.checks = after, 0
-
-    def local(self) -> str | None:
-        self.checks += 1
-        return "a test request" if self.checks == self.after else None
-
-
 def test_two_ranks_and_a_resumed_run_equal_one_uninterrupted_process(
     tiny_config, tmp_path: Path, assert_trees_equal
 ) -> None:
@@ -137,7 +126,7 @@ def test_two_ranks_and_a_resumed_run_equal_one_uninterrupted_process(
     # not a shorter train.steps: STU's drop-fraction schedule is a function of train.steps.
     split = tiny_config(tmp_path / "split", **common)
     with pytest.raises(StoppedEarly):
-        train(split, stop=_StopAfter(3))
+        train(split, stop=StopAfter(3))
     assert [p.name for p in checkpoint.list_checkpoints(split.run_dir)] == ["step-00000003.pt"]
     train(split)
     resumed = _last_state(split.run_dir)

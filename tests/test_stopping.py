@@ -14,24 +14,13 @@ from typing import Any
 
 import pytest
 from multiprocess import assert_all_succeeded, run_ranks
+from stops import StopAfter
 
 from sgtrain import checkpoint
 from sgtrain.stopping import EXIT_STOPPED, StoppedEarly, StopRequest
 from sgtrain.train import train
 
 TINY_ARGS = ["--model.g_ch=4", "--model.d_ch=4", "--model.dim_z=20", "--model.shared_dim=8", "--train.batch_size=8"]
-
-
-class _StopAfter(StopRequest):
-    """Asks to stop when the loop checks after G step ``after`` (the loop checks once per step)."""
-
-    def __init__(self, after: int) -> None:
-        super().__init__(stop_file="")
-        self.after, self.checks = after, 0
-
-    def local(self) -> str | None:
-        self.checks += 1
-        return "a test request" if self.checks == self.after else None
 
 
 def _steps_logged(run_dir: Path) -> list[int]:
@@ -50,7 +39,7 @@ def test_a_stop_request_checkpoints_once_and_the_resume_equals_an_uninterrupted_
     common |= {"sparse__density_g": 0.5, "sparse__density_d": 0.5, "train__ema_start": 1}
     split = tiny_config(tmp_path / "split", **common)
     with pytest.raises(StoppedEarly, match="stopped by a test request after step 3 of 6") as stopped:
-        train(split, stop=_StopAfter(3))
+        train(split, stop=StopAfter(3))
     assert stopped.value.step == 3
     # The stop wrote the step-3 checkpoint (not a checkpoint step) and nothing after it.
     assert [p.name for p in checkpoint.list_checkpoints(split.run_dir)] == ["step-00000003.pt"]
@@ -68,7 +57,7 @@ def test_a_stop_request_checkpoints_once_and_the_resume_equals_an_uninterrupted_
 def test_a_stop_on_a_checkpoint_step_writes_that_checkpoint_once(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config(train__steps=6, train__checkpoint_every=2)
     with pytest.raises(StoppedEarly):
-        train(cfg, stop=_StopAfter(2))
+        train(cfg, stop=StopAfter(2))
     (only,) = checkpoint.list_checkpoints(cfg.run_dir)
     assert only.name == "step-00000002.pt"
     assert only.with_name(only.name + ".json").is_file()
@@ -167,7 +156,7 @@ def _stop_on_rank_one(rank: int, cfg_dict: dict[str, Any], out_dir: str) -> None
     dist = Dist()
     try:
         # Only rank 1 is asked (as when a signal or stop file reaches one node): both must stop after step 3.
-        stopped = training_loop(config_from_dict(cfg_dict), dist, _StopAfter(3) if rank == 1 else StopRequest(""))
+        stopped = training_loop(config_from_dict(cfg_dict), dist, StopAfter(3) if rank == 1 else StopRequest(""))
     finally:
         dist.shutdown()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"step": stopped.step if stopped else None}))

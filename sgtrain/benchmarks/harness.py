@@ -135,3 +135,13 @@ def parse_settings(
         return settings(**vars(parser.parse_args(argv)))
     except ValueError as error:
         parser.error(str(error))
+
+
+def run_command_line(parser: argparse.ArgumentParser, suite: Any, argv: list[str] | None) -> dict[str, Any]:
+    """A suite's script: parse its settings, ``suite.run`` them, print the report and where the JSON went."""
+    settings = parse_settings(parser, suite.Settings, argv)
+    result = suite.run(settings)
+    suite.print_report(result)
+    if settings.json is not None:
+        print(f"wrote {settings.json}")
+    return result
