@@ -26,7 +26,9 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MIXED_PRECISION = ("no", "bf16")
 NONFINITE_POLICIES = ("skip", "rollback")
-SPARSE_METHODS = ("dense", "static", "stu", "snip", "gmp", "prune_finetune")
+SPARSE_METHODS = ("dense", "static", "stu", "snip", "gmp", "prune_finetune", "adapt")
+ADAPT_VARIANTS = ("relax", "strict")
+SELECTIONS = ("global", "layer")
 GROWTH_MODES = ("gradient", "random", "momentum")
 OPTIMIZER_STATES = ("dense", "masked")
 
@@ -199,10 +201,83 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class AdaptConfig:
+    """ADAPT (``sparse.method: adapt``; Wang et al., NeurIPS 2023): D's density steered by the balance ratio, G
+    sparse-to-sparse. Defaults are those of YiteWang/ADAPT's ``scripts/adapt_relax.sh`` (the flag in brackets);
+    ``variant: strict`` gives ``adapt_strict.sh``'s where they differ. README, "ADAPT", lists the differences."""
+
+    variant: str = "relax"  # relax: D's density may grow to dense | strict: up to `cap`, where D explores instead
+    lower: float = 0.45  # [--da-lb] a window's ratio at or below it shrinks D by `step` (D too strong)
+    upper: float = 0.55  # [--da-ub] at or above it D grows by `step` (D too weak)
+    step: float = 0.05  # [--death-rate-D] the additive density step
+    minimum: float = 0.05  # D's density never goes below it (hard-coded there)
+    cap: float = 0.5  # strict only: D's highest density (hard-coded 0.5 there)
+    sample_every: int = 10  # [--br_freq] G iterations between balance-ratio samples (one extra D forward each)
+    window: int = 100  # [--da-iters / --br_freq] the latest samples whose mean ratio a decision reads
+    # [--update_frequency_D] G iterations between D's density decisions; null: relax 1000, strict 2000.
+    update_every: int | None = None
+    grow: str = "gradient"  # [--growth-D global_gradient] what D grows by: gradient | random | momentum
+    # How a change picks weights, in D and in G's drop-and-grow: global (one threshold over the network, the
+    # authors' global_magnitude / global_gradient; per-layer densities drift) | layer (each layer at the
+    # distribution's count for the new density: STU-GAN's layer-wise rule, ERK re-solved at every change).
+    selection: str = "global"
+    # Strict at its cap: the fraction of D's active weights dropped and regrown at a decision, cosine-decayed over
+    # the run to the floor [--death-rate-D-dd-b 0.5, CosineDecay eta_min 0.005].
+    explore_drop_fraction: float = 0.5
+    explore_drop_fraction_min: float = 0.005
+
+    def __post_init__(self) -> None:
+        _check(
+            self.variant in ADAPT_VARIANTS,
+            f"sparse.adapt.variant must be one of {', '.join(ADAPT_VARIANTS)}, got {self.variant!r}",
+        )
+        _check(
+            self.lower < self.upper,
+            f"sparse.adapt.lower < sparse.adapt.upper must hold, got {self.lower}, {self.upper}",
+        )
+        _check(0 < self.step <= 1, f"sparse.adapt.step must be in (0, 1], got {self.step}")
+        _check(
+            0 < self.minimum <= self.cap <= 1,
+            f"0 < sparse.adapt.minimum <= sparse.adapt.cap <= 1 must hold, got {self.minimum}, {self.cap}",
+        )
+        _check(self.sample_every >= 1, f"sparse.adapt.sample_every must be >= 1, got {self.sample_every}")
+        _check(self.window >= 1, f"sparse.adapt.window must be >= 1, got {self.window}")
+        _check(
+            self.update_every is None or self.update_every >= 1,
+            f"sparse.adapt.update_every must be >= 1 (or null), got {self.update_every}",
+        )
+        _check(
+            self.grow in GROWTH_MODES,
+            f"sparse.adapt.grow must be one of {', '.join(GROWTH_MODES)}, got {self.grow!r}",
+        )
+        _check(
+            self.selection in SELECTIONS,
+            f"sparse.adapt.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}",
+        )
+        _check(
+            0 <= self.explore_drop_fraction_min <= self.explore_drop_fraction < 1,
+            "0 <= sparse.adapt.explore_drop_fraction_min <= sparse.adapt.explore_drop_fraction < 1 must hold, got "
+            f"{self.explore_drop_fraction_min}, {self.explore_drop_fraction}",
+        )
+
+    @property
+    def decide_every(self) -> int:
+        """G iterations between D's density decisions (``update_every``, or the variant's script default)."""
+        if self.update_every is not None:
+            return self.update_every
+        return 1000 if self.variant == "relax" else 2000
+
+    @property
+    def highest(self) -> float:
+        """D's highest density: dense under relax, the cap under strict."""
+        return 1.0 if self.variant == "relax" else self.cap
+
+
+@dataclass(kw_only=True)
 class SparseConfig:
     """Sparse-to-sparse training (docs/design.md, "The sparse core"). Densities are fractions of masked weights kept."""
 
-    method: str = "dense"  # dense | static | stu | snip | gmp | prune_finetune
+    method: str = "dense"  # dense | static | stu | snip | gmp | prune_finetune | adapt
     distribution: str = "ERK"  # layer-wise densities: uniform | ER | ERK
     erk_power: float = 1.0  # exponent on the (E)R(K) layer score; 1 is the paper's
     density_g: float = 1.0  # overall density of the generator's masked weights, in (0, 1]
@@ -227,6 +302,7 @@ class SparseConfig:
     gmp_end: float = 0.6  # gmp: fraction of the run where the final density is reached
     prune_from: str | None = None  # prune_finetune: the dense checkpoint (.pt file or run directory) to prune
     prune_scope: str = "global"  # prune_finetune: global (one magnitude threshold per network) | layer (distribution)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)  # adapt: the balance ratio and D's density rule
 
     def __post_init__(self) -> None:
         _check(
@@ -257,7 +333,7 @@ class SparseConfig:
         _check(
             0 <= self.drop_fraction_min < 1, f"sparse.drop_fraction_min must be in [0, 1), got {self.drop_fraction_min}"
         )
-        if self.method == "stu":  # only its schedule decays the drop fraction
+        if self.method in ("stu", "adapt"):  # only their schedules decay the drop fraction
             _check(
                 self.drop_fraction_min <= self.drop_fraction,
                 f"sparse.drop_fraction_min ({self.drop_fraction_min}) must not exceed sparse.drop_fraction "
@@ -278,6 +354,18 @@ class SparseConfig:
         if self.method == "prune_finetune":
             _check(
                 self.prune_from is not None, "sparse.method=prune_finetune needs sparse.prune_from: a dense checkpoint"
+            )
+        if self.method == "adapt":
+            a = self.adapt
+            _check(
+                self.explore in ("G", "none"),
+                f"sparse.method=adapt steers D's topology itself; sparse.explore must be G or none, "
+                f"got {self.explore!r}",
+            )
+            _check(
+                a.minimum <= self.density_d <= a.highest,
+                f"sparse.density_d ({self.density_d}) must lie within ADAPT's range [{a.minimum}, {a.highest}] "
+                "(sparse.adapt.minimum, and the cap under variant strict)",
             )
         if self.method == "dense":
             _check(

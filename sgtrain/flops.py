@@ -185,6 +185,18 @@ def layers_iteration_flops(
     return gan_iteration_flops(g, d, batch_size=batch_size, d_steps=d_steps, **weight_grads)["total"]
 
 
+def balance_flops(
+    g_layers: Mapping[str, float],
+    d_layers: Mapping[str, float],
+    g_densities: Mapping[str, float] | None,
+    d_densities: Mapping[str, float] | None,
+    batch_size: int,
+) -> float:
+    """FLOPs of one ADAPT balance-ratio sample: G forward on a batch and D forward on it and a real batch (no
+    backward), at the given layer densities."""
+    return batch_size * (network_flops(g_layers, g_densities) + 2 * network_flops(d_layers, d_densities))
+
+
 def _network_report(layers: Mapping[str, float], densities: Mapping[str, float] | None) -> dict[str, Any]:
     return {
         "inference_dense": network_flops(layers),

@@ -111,14 +111,16 @@ class GanStep:
     probe: Callable[[str], None] | None = None
     # ADAPT's balance ratio: every ``balance_every`` iterations (0: never) ``on_balance(real, before, after)`` gets this
     # rank's D logits of the last real batch, of the G step's fakes and of the same latents' fakes after the G step.
-    balance_every: int = 0
+    # None: the mask manager's (its method's sampling interval, 0 for all but ADAPT; its ``observe_balance``).
+    balance_every: int | None = None
     on_balance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     _last_real: Batch | None = field(default=None, init=False, repr=False)
 
     def __call__(self, step: int, real: Callable[[], Batch], latents: Callable[[], Batch]) -> StepResult:
         """Train iteration ``step`` (0-based): afterwards G has taken step ``step + 1``."""
         result = StepResult()
-        sample = self.balance_every > 0 and (step + 1) % self.balance_every == 0
+        every = self.masks.balance_every if self.balance_every is None else self.balance_every
+        sample = every > 0 and (step + 1) % every == 0
         self.discriminator_updates(real, latents, result)
         self.generator_update(latents, result, balance=sample)
         # Update EMA (sparse: masked with G's mask).
@@ -179,7 +181,7 @@ class GanStep:
         if self.is_finite("G", losses, G.module):
             result.g_loss = torch.stack(losses).sum()
             self._update("G", G)
-        if balance and self.on_balance is not None and self._last_real is not None:
+        if balance and self._last_real is not None:
             # One extra D pass (unwrapped: nothing to reduce) over the last real batch and the last round's latents
             # through the updated G, both networks in training mode as in the G step: D is the one that scored the
             # fakes before the step, so "before" and "after" differ by the G update only (as YiteWang/ADAPT does; as
@@ -189,7 +191,8 @@ class GanStep:
                 fake = _call(G.module, z, y)
                 both = None if y_real is None else torch.cat([y_real, y])
                 scores = _call(D, torch.cat([x, fake.to(x.dtype)]), both)
-            self.on_balance(scores[: len(x)], logits.detach(), scores[len(x) :])
+            observe = self.masks.observe_balance if self.on_balance is None else self.on_balance
+            observe(scores[: len(x)], logits.detach(), scores[len(x) :])
 
     def _update(self, net: str, network: Trainable) -> None:
         if self.probe is not None:

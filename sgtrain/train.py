@@ -29,7 +29,7 @@ from sgtrain.config import Config, ConfigError, config_to_yaml
 from sgtrain.data.source import BatchSource, check_data, open_batches
 from sgtrain.dist import Dist, Network
 from sgtrain.ema import EMA
-from sgtrain.flops import dense_weight_gradients, flops_report, layers_iteration_flops
+from sgtrain.flops import balance_flops, dense_weight_gradients, flops_report, layers_iteration_flops
 from sgtrain.images import save_grid
 from sgtrain.losses import HINGE, GanLoss
 from sgtrain.models.layers import CrossReplicaBatchNorm2d
@@ -192,6 +192,14 @@ def training_loop(
     saved_step = progress.step if latest is not None else -1
 
     while progress.step < t.steps:
+        # The iteration's cost at the densities it trains with (ADAPT changes D's, GMP both, after a step).
+        g_densities, d_densities = masks.layer_densities("G"), masks.layer_densities("D")
+        progress.flops["dense"] += dense_iteration
+        progress.flops["sparse"] += _iteration_flops(cfg, layer_flops, g_densities, d_densities)
+        if masks.balance_every and (progress.step + 1) % masks.balance_every == 0:  # ADAPT's extra G and D pass
+            progress.flops["sparse"] += balance_flops(
+                layer_flops["G"]["layers"], layer_flops["D"]["layers"], g_densities, d_densities, t.batch_size
+            )
         latents = StepLatents(cfg, progress.step, global_batch=micro_global, mine=mine, device=dist.device)
         result = gan(progress.step, lambda: batches.next(dist.device), latents)
         progress.step += 1
@@ -201,9 +209,6 @@ def training_loop(
             hooks.after_iteration(step, gan, result)
 
         # Maintenance.
-        progress.flops["dense"] += dense_iteration
-        g_densities, d_densities = masks.layer_densities("G"), masks.layer_densities("D")
-        progress.flops["sparse"] += _iteration_flops(cfg, layer_flops, g_densities, d_densities)
         if step % t.log_every == 0 or step == t.steps:
             record = interval.record(cfg, dist, progress, batches, guard.events)
             if tracker is not None:
@@ -447,6 +452,7 @@ class Interval:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     applied: dict[str, int] = field(default_factory=lambda: {"D": 0, "G": 0})  # optimizer steps per network
     topology: dict[str, float] = field(default_factory=dict)
+    status: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
 
@@ -463,6 +469,7 @@ class Interval:
             self.topology.update(result.topology)
             for net in ("G", "D"):
                 self.topology.update({f"sparse/{net}/{name}": d for name, d in masks.layer_densities(net).items()})
+        self.status = masks.status()  # the networks' densities (and ADAPT's balance ratio) as the interval ends
 
     def record(
         self, cfg: Config, dist: Dist, progress: Progress, batches: BatchSource, nonfinite_events: int
@@ -484,6 +491,7 @@ class Interval:
         record["images_per_s"] = self.steps * cfg.train.d_steps * cfg.train.batch_size / max(elapsed, 1e-9)
         if batches.bad is not None:  # corrupt samples skipped so far, all ranks
             record["data/bad_samples"] = int(dist.all_reduce(torch.tensor([batches.bad]), "sum"))
+        record.update(self.status)
         record.update(self.topology)  # the latest topology update's figures, once
         if not all(math.isfinite(v) for v in record.values()):  # a safety net: steps check their own values
             raise NonFiniteError(

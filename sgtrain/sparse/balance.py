@@ -58,7 +58,14 @@ class BalanceWindow:
         self.samples.append(sample.detach().to(torch.float64).reshape(3).cpu())
 
     def ratio(self) -> float | None:
+        """The mean ratio of a full window (None before: no decision rests on a partial window)."""
         if len(self.samples) < self.size:
+            return None
+        return self.mean()
+
+    def mean(self) -> float | None:
+        """The mean ratio of the samples so far (None: no sample yet), for the logs."""
+        if not self.samples:
             return None
         return float(balance_ratios(torch.stack(list(self.samples))).mean())
 

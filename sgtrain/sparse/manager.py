@@ -23,6 +23,7 @@ from torch import nn
 
 from sgtrain.comm import Comm, LocalComm
 from sgtrain.config import ConfigError, SparseConfig
+from sgtrain.sparse.balance import global_means
 from sgtrain.sparse.layers import (
     NETWORKS,
     Layer,
@@ -102,12 +103,30 @@ class MaskManager:
             return
         self.layers = build_layers(self.modules, cfg, self.method.target, start_dense=self.method.starts_dense)
         for net in NETWORKS:
-            self.sharding.assign_owners(self.layers[net])
+            self.sharding.assign_owners(self.layers[net], every_layer=self.method.weighs_dense_layers(net))
 
     @property
     def wants_dense_weights(self) -> bool:
         """Whether :meth:`initialize` needs a dense checkpoint's weights (``sparse.method=prune_finetune``)."""
         return self.method.wants_dense_weights
+
+    @property
+    def balance_every(self) -> int:
+        """G iterations between the balance-ratio samples the method takes (ADAPT; 0: none)."""
+        return self.method.balance_every
+
+    def observe_balance(self, real: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> None:
+        """One balance-ratio sample from this rank's D logits of the last real batch and of the G step's fakes before
+        and after it (``GanStep``'s ``on_balance``). A collective: the means are over the global batch, so every rank
+        keeps the same window and takes the same decision."""
+        self.method.observe_balance(global_means(real, before, after, self.comm))
+
+    def status(self) -> dict[str, float]:
+        """Figures for every metrics record: each network's density, and the method's own (ADAPT's balance ratio and
+        bounds). Identical on every rank."""
+        figures = {f"sparse/{net}_density": self.density(net) for net in NETWORKS if self.layers[net]}
+        figures.update(self.method.status())
+        return figures
 
     @property
     def snip_pending(self) -> dict[str, bool]:
@@ -326,9 +345,16 @@ class MaskManager:
         return {layer.name: layer.count / layer.numel for layer in self.layers[net]}
 
     def state_dict(self) -> dict[str, Any]:
-        """Method, step, SNIP's pending flags and every layer's :func:`~sgtrain.sparse.layers.layer_state`."""
+        """Method, step, SNIP's pending flags, every layer's :func:`~sgtrain.sparse.layers.layer_state` and the
+        method's own state (ADAPT's balance window and D's density)."""
         layers = {f"{layer.net}.{layer.name}": layer_state(layer) for layer in self._all_layers()}
-        return {"method": self.cfg.method, "step": self.step, "snip_pending": self.snip_pending, "layers": layers}
+        return {
+            "method": self.cfg.method,
+            "step": self.step,
+            "snip_pending": self.snip_pending,
+            "layers": layers,
+            "method_state": self.method.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method", "dense") != self.cfg.method:
@@ -343,3 +369,5 @@ class MaskManager:
             raise ConfigError("the checkpoint's masks cover other layers than this model's (sparse.targets changed?)")
         for layer in self._all_layers():
             load_layer_state(layer, saved[f"{layer.net}.{layer.name}"])
+        # (checkpoints written before methods had state hold none; only ADAPT needs one, and it came later)
+        self.method.load_state_dict(state.get("method_state", {}), self.layers)

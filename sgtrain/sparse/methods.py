@@ -14,11 +14,12 @@ STU's growth modes differ only by their grow score (:class:`Growth`), as RigL di
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from sgtrain.config import ConfigError, SparseConfig
+from sgtrain.sparse.balance import EXPLORE, GROW, HOLD, SHRINK, BalanceWindow, next_density
 from sgtrain.sparse.distribution import active_counts, layer_densities
 from sgtrain.sparse.layers import NETWORKS, Layer
 from sgtrain.sparse.schedule import UpdateSchedule, gmp_density
@@ -95,6 +96,28 @@ class SparseMethod:
     def metrics(self, step: int) -> dict[str, float]:
         """Method-specific figures logged with an update."""
         return {}
+
+    # What only some methods have: the balance ratio's samples (ADAPT), state beyond the masks, figures logged at
+    # every record rather than at updates.
+    balance_every: int = 0  # G iterations between balance-ratio samples (0: the method takes none)
+
+    def observe_balance(self, means: torch.Tensor) -> None:
+        """Take one balance-ratio sample: ``[3]`` global means of D's real, before and after logits."""
+
+    def weighs_dense_layers(self, net: str) -> bool:
+        """Whether this method can change layers the distribution made dense (they then get an owner's share)."""
+        return False
+
+    def status(self) -> dict[str, float]:
+        """Figures logged in every metrics record (the balance ratio, say), identical on every rank."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs besides the masks (a method without such state: empty)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], layers: Layers) -> None:
+        """Restore :meth:`state_dict` after the masks of ``layers`` were loaded (may check them against it)."""
 
 
 class Dense(SparseMethod):
@@ -247,6 +270,245 @@ class STU(Static):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# ADAPT: D's density steered by the balance ratio.
+
+
+# Decisions as numbers for the metrics records (which hold numbers only).
+DECISION_CODES = {SHRINK: -1.0, HOLD: 0.0, GROW: 1.0, EXPLORE: 2.0}
+
+
+class ADAPT(STU):
+    """ADAPT (Wang et al., NeurIPS 2023; YiteWang/ADAPT, docs/adapt_reference.md): G trains sparse-to-sparse as in
+    STU; D's density follows the balance ratio. Every ``sparse.adapt.sample_every`` iterations the step hands in one
+    sample (global means of D's logits, so every rank holds the same window); every ``decide_every`` iterations,
+    once the window is full, its ratio moves D's density by ``step`` (:func:`next_density`). A growth adds the
+    inactive weights of largest grow score (D's last gradient), a shrink keeps the active weights of largest
+    magnitude; under ``variant: strict`` at the cap D drops and regrows instead, at a cosine-decayed fraction.
+
+    ``selection: global`` (the authors') picks over the whole network with one threshold, for D's changes and for
+    G's drop-and-grow alike, through :meth:`Sharding.top_over_layers`; ``layer`` re-solves the layer-wise
+    distribution at the new density and picks within each layer (STU's rule)."""
+
+    def __init__(self, cfg: SparseConfig, *, seed: int, total_steps: int) -> None:
+        super().__init__(cfg, seed=seed, total_steps=total_steps)
+        self.adapt = cfg.adapt
+        self.growth["D"] = GROWTH[cfg.adapt.grow]()
+        self.balance_every = cfg.adapt.sample_every
+        self.window = BalanceWindow(cfg.adapt.window)
+        self.d_density = cfg.density_d  # on the step's grid (next_density rounds), so the strict cap is met exactly
+        self.ratio: float | None = None  # the window's ratio at the latest decision
+        self.decision = HOLD  # the latest decision
+        self.decisions = 0
+        self._pending: tuple[float, str] | None = None  # this step's decision, applied by update("D")
+        # Strict at the cap: the authors' CosineDecay(0.5, eta_min=0.005) over the whole run.
+        self.explore_schedule = UpdateSchedule(
+            update_every=cfg.adapt.decide_every,
+            update_end=1.0,
+            drop_fraction=cfg.adapt.explore_drop_fraction,
+            total_steps=total_steps,
+            drop_fraction_min=cfg.adapt.explore_drop_fraction_min,
+        )
+
+    @property
+    def global_selection(self) -> bool:
+        return self.adapt.selection == "global"
+
+    def is_decision_step(self, step: int) -> bool:
+        """D's density is decided after G step ``step``: multiples of ``decide_every`` short of the last step (the
+        authors skip the final step too)."""
+        return 0 < step < self.total_steps and step % self.adapt.decide_every == 0
+
+    def observe_balance(self, means: torch.Tensor) -> None:
+        self.window.add(means)
+
+    def weighs_dense_layers(self, net: str) -> bool:
+        return net == "D" or self.global_selection
+
+    def wants_gradient(self, layer: Layer, step: int) -> bool:
+        if layer.net == "D":
+            return self.growth["D"].wants_gradient(self.is_decision_step(step + 1))
+        if not self.global_selection:
+            return super().wants_gradient(layer, step)
+        # One threshold over G: a layer the distribution made dense can lose weights and grow them back.
+        return self.explores["G"] and self.growth["G"].wants_gradient(self.schedule.is_update_step(step + 1))
+
+    def check_engine(self) -> None:
+        super().check_engine()
+        if isinstance(self.growth["D"], MomentumGrowth):
+            raise ConfigError("sparse.adapt.grow=momentum is not supported under DeepSpeed yet; use gradient")
+
+    def due(self, step: int) -> tuple[str, ...]:
+        # D is due at every decision step, whatever the decision: update("D") also releases the gradient kept for a
+        # growth that did not happen.
+        nets = super().due(step)
+        self._pending = None
+        if not self.is_decision_step(step):
+            return nets
+        ratio = self.window.ratio()
+        if ratio is None:
+            return (*nets, "D")
+        a = self.adapt
+        density, decision = next_density(
+            self.d_density,
+            ratio,
+            lower=a.lower,
+            upper=a.upper,
+            step=a.step,
+            minimum=a.minimum,
+            cap=a.highest,
+            explore_at_cap=a.variant == "strict",
+        )
+        self.ratio, self.decision = ratio, decision
+        self.decisions += 1
+        self._pending = (density, decision)
+        return (*nets, "D")
+
+    def update(self, net: str, layers: list[Layer], step: int, sharding: Sharding) -> list[tuple[Layer, torch.Tensor]]:
+        if net == "G":
+            if not self.global_selection:
+                return super().update(net, layers, step, sharding)
+            fraction = self.schedule.drop_fraction_at(step)
+            return self._drop_and_grow(net, layers, fraction, self.schedule.update_index(step), sharding)
+        density, decision = self._pending or (self.d_density, HOLD)  # no decision yet: the window is not full
+        self._pending = None
+        changes: list[tuple[Layer, torch.Tensor]] = []
+        if decision == EXPLORE:
+            fraction = self.explore_schedule.drop_fraction_at(step)
+            if self.global_selection:
+                changes = self._drop_and_grow(net, layers, fraction, step, sharding)
+            else:
+                changes = self._layerwise_drop_and_grow(net, layers, fraction, step, sharding)
+        elif decision != HOLD:
+            self.d_density = density
+            changes = self._resize(layers, density, step, sharding)
+        for layer in layers:  # the gradient kept for this decision is used (or not needed) now
+            self.growth["D"].after_update(layer)
+        return changes
+
+    def _scores(self, net: str, layers: list[Layer], update: int, sharding: Sharding) -> dict[int, torch.Tensor]:
+        """Grow scores of the layers this rank selects for; a collective. A layer without a gradient (it took no
+        part in the loss, on every rank alike) scores zero."""
+        growth = self.growth[net]
+        scored = [layer for layer in layers if growth.can_grow(layer)]
+        reduced = growth.reduce(scored, sharding)
+        scores = {}
+        for layer in layers:
+            if not growth.can_grow(layer):
+                scores[layer.index] = torch.zeros_like(layer.param)
+            elif layer.index in reduced or not isinstance(growth, GradientGrowth):
+                scores[layer.index] = growth.score(layer, reduced, seed=self.seed, update=update)
+        for layer in layers:
+            growth.after_update(layer)
+        return scores
+
+    def _drop_and_grow(
+        self, net: str, layers: list[Layer], fraction: float, update: int, sharding: Sharding
+    ) -> list[tuple[Layer, torch.Tensor]]:
+        """The authors' global drop-and-grow: drop the ``fraction * active`` active weights of smallest magnitude
+        over the whole network, grow as many inactive ones (inactive before the update) of largest score."""
+        active = sum(layer.count for layer in layers)
+        k = min(drop_fraction_k(active, fraction), sum(layer.numel for layer in layers) - active)
+        keep = sharding.top_over_layers(layers, lambda layer: (layer.mask, layer.param.abs()), active - k)
+        scores = self._scores(net, layers, update, sharding)
+        grow = sharding.top_over_layers(layers, lambda layer: (~layer.mask, scores[layer.index]), k)
+        new = sharding.select(layers, lambda layer: (keep[layer.index] | grow[layer.index]).reshape(layer.mask.shape))
+        return list(zip(layers, new, strict=True))
+
+    def _layerwise_drop_and_grow(
+        self, net: str, layers: list[Layer], fraction: float, update: int, sharding: Sharding
+    ) -> list[tuple[Layer, torch.Tensor]]:
+        layers = [layer for layer in layers if layer.count < layer.numel]
+        scores = self._scores(net, layers, update, sharding)
+
+        def select(layer: Layer) -> torch.Tensor:
+            k = drop_fraction_k(layer.count, fraction)
+            return drop_and_grow(layer.param, layer.mask, scores[layer.index], k)[0]
+
+        return list(zip(layers, sharding.select(layers, select), strict=True))
+
+    def _resize(
+        self, layers: list[Layer], density: float, update: int, sharding: Sharding
+    ) -> list[tuple[Layer, torch.Tensor]]:
+        """D's masks at ``density``: grown by score or pruned by magnitude, over the network or layer by layer."""
+        total = sum(layer.numel for layer in layers)
+        target = round(density * total)
+        if self.global_selection:
+            active = sum(layer.count for layer in layers)
+            if target >= active:
+                scores = self._scores("D", layers, update, sharding)
+                grow = sharding.top_over_layers(layers, lambda x: (~x.mask, scores[x.index]), target - active)
+                new = sharding.select(layers, lambda x: x.mask | grow[x.index].reshape(x.mask.shape))
+            else:
+                keep = sharding.top_over_layers(layers, lambda x: (x.mask, x.param.abs()), target)
+                new = sharding.select(layers, lambda x: keep[x.index].reshape(x.mask.shape))
+            return list(zip(layers, new, strict=True))
+        counts = self._layer_counts(layers, density)
+        scores = self._scores("D", layers, update, sharding)
+
+        def select(layer: Layer) -> torch.Tensor:
+            count = counts[layer.name]
+            if count <= layer.count:
+                return _top_magnitude(layer.param, layer.mask, count)
+            grown = torch.zeros(layer.numel, dtype=torch.bool, device=layer.mask.device)
+            inactive = ~layer.mask.reshape(-1)
+            grown[select_top(inactive, scores[layer.index].reshape(-1), count - layer.count, largest=True)] = True
+            return layer.mask | grown.reshape(layer.mask.shape)
+
+        return list(zip(layers, sharding.select(layers, select), strict=True))
+
+    def _layer_counts(self, layers: list[Layer], density: float) -> dict[str, int]:
+        """Each layer's active count under the configured distribution at overall ``density``."""
+        shapes = {layer.name: tuple(layer.param.shape) for layer in layers}
+        dense = {layers[0].name, layers[-1].name} if self.cfg.dense_first_last and layers else set()
+        densities = layer_densities(shapes, density, kind=self.cfg.distribution, power=self.cfg.erk_power, dense=dense)
+        return active_counts(shapes, densities)
+
+    def metrics(self, step: int) -> dict[str, float]:
+        figures = super().metrics(step) if self.schedule.is_update_step(step) else {}
+        if self.is_decision_step(step) and self.ratio is not None:
+            figures["adapt/decision"] = DECISION_CODES[self.decision]
+            if self.decision == EXPLORE:
+                figures["adapt/explore_drop_fraction"] = self.explore_schedule.drop_fraction_at(step)
+        return figures
+
+    def status(self) -> dict[str, float]:
+        figures = {"adapt/lower": self.adapt.lower, "adapt/upper": self.adapt.upper, "adapt/D_density": self.d_density}
+        current = self.window.mean()
+        if current is not None:  # the mean of the samples so far (the decisions wait for a full window)
+            figures["adapt/balance_ratio"] = current
+        if self.ratio is not None:
+            figures["adapt/decided_ratio"] = self.ratio
+        return figures
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": self.window.state_dict(),
+            "d_density": self.d_density,
+            "ratio": self.ratio,
+            "decision": self.decision,
+            "decisions": self.decisions,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], layers: Layers) -> None:
+        if "window" not in state:
+            raise ConfigError("the checkpoint holds no ADAPT state (balance window, D's density): not an ADAPT run")
+        try:
+            self.window.load_state_dict(state["window"])
+        except ValueError as error:
+            raise ConfigError(f"{error} (sparse.adapt.window changed?)") from None
+        self.d_density = float(state["d_density"])
+        self.ratio = None if state["ratio"] is None else float(state["ratio"])
+        self.decision = str(state["decision"])
+        self.decisions = int(state["decisions"])
+        active = sum(layer.count for layer in layers["D"])
+        total = sum(layer.numel for layer in layers["D"])
+        if layers["D"] and active != round(self.d_density * total) and self.cfg.adapt.selection == "global":
+            raise ConfigError(
+                f"the checkpoint's D masks hold {active} of {total} weights, not its ADAPT density {self.d_density}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Baselines that prune: SNIP, GMP, prune-and-finetune.
 
 
@@ -331,6 +593,7 @@ METHODS: dict[str, type[SparseMethod]] = {
     "snip": SNIP,
     "gmp": GMP,
     "prune_finetune": PruneFinetune,
+    "adapt": ADAPT,
 }
 
 

@@ -10,6 +10,9 @@ identical new masks.
   (:func:`assign_owners`), so the selection work and its memory fall with the number of ranks.
 - Scores that are local to a rank (not already averaged by DDP) are summed onto the layer's owner with one
   ``reduce`` per owner; the owner selects; the new masks travel bit-packed in one ``broadcast`` per owner.
+- A selection over a whole network (one threshold over all its layers, as ADAPT's global drop and growth) is found
+  without moving any score: the owners count their candidates above trial thresholds and only the counts are
+  all-reduced (:meth:`Sharding.top_over_layers`); each owner then selects its layers and broadcasts them as above.
 - After every update all ranks compare a checksum of every mask (:func:`assert_identical`) and stop on any
   difference, naming the layer.
 """
@@ -80,10 +83,11 @@ class Sharding:
         self.local_scores = local_scores
         self.sharded = sharded
 
-    def assign_owners(self, layers: Sequence[Layer]) -> None:
+    def assign_owners(self, layers: Sequence[Layer], *, every_layer: bool = False) -> None:
         """Set ``layer.owner`` of one network's layers (:func:`assign_owners`). Per network, so that when only G
-        explores its work is spread over all ranks; a layer that stays dense never changes and weighs nothing."""
-        sizes = [layer.numel if layer.density < 1.0 else 0 for layer in layers]
+        explores its work is spread over all ranks; a layer that stays dense never changes and weighs nothing,
+        unless ``every_layer`` (a method that selects over the whole network changes dense layers too)."""
+        sizes = [layer.numel if layer.density < 1.0 or every_layer else 0 for layer in layers]
         for layer, owner in zip(layers, assign_owners(sizes, self.comm.world_size), strict=True):
             layer.owner = owner
 
@@ -138,6 +142,74 @@ class Sharding:
                 for layer, part in zip(group, packed.split(sizes), strict=True):
                     new[layer.index] = unpack_mask(part, layer.param.shape).to(layer.param.device)
         return [new[layer.index] for layer in layers]
+
+    def top_over_layers(
+        self, layers: Sequence[Layer], candidates: Callable[[Layer], tuple[torch.Tensor, torch.Tensor]], k: int
+    ) -> dict[int, torch.Tensor]:
+        """The ``k`` largest values over all of ``layers`` at once: one threshold for the whole set, ties to the lower
+        layer (in list order), then to the lower flat index, so the result is :func:`select_top` over the layers'
+        concatenation. A collective: every rank calls it with the same layers and ``k``.
+
+        ``candidates(layer)`` returns ``(allowed, values)``: a bool and a non-negative float tensor of the weight's
+        shape (NaN counts as 0); it is called for the layers this rank selects (its own when sharded, else all) and
+        the result, a flat bool tensor of the chosen positions by layer index, covers those layers only.
+
+        No value leaves its rank. The k-th largest value is found on the order-preserving integer image of
+        non-negative floats (their IEEE bits) by a 256-way search: each round every rank counts its candidates at or
+        above 255 trial thresholds and one all-reduce sums the counts, so four or five rounds pin it down exactly
+        whatever the number of weights. One more all-reduce of per-layer counts of values equal to it tells each
+        owner how many of its ties to take.
+        """
+        distributed = self.comm.world_size > 1 and self.sharded
+        mine = [layer for layer in layers if layer.owner == self.comm.rank] if distributed else list(layers)
+
+        def total(values: torch.Tensor) -> torch.Tensor:
+            return self.comm.all_reduce(values, "sum") if distributed else values
+
+        keys: dict[int, torch.Tensor] = {}
+        allowed: dict[int, torch.Tensor] = {}
+        for layer in mine:
+            ok, values = candidates(layer)
+            values = values.detach().reshape(-1).float()
+            values = torch.where(values > 0, values, torch.zeros_like(values))  # -0.0 and NaN to +0.0
+            allowed[layer.index] = ok.reshape(-1)
+            keys[layer.index] = values.view(torch.int32)  # non-negative floats sort as their bits do
+        device = layers[0].param.device if layers else torch.device("cpu")
+        pool = [keys[i][allowed[i]] for i in keys]
+        ordered = torch.sort(torch.cat(pool) if pool else torch.zeros(0, dtype=torch.int32, device=device)).values
+        n = int(total(torch.tensor([ordered.numel()], dtype=torch.int64))[0])
+        k = max(0, min(k, n))
+        if k in (0, n):
+            return {i: allowed[i].clone() if k else torch.zeros_like(allowed[i]) for i in keys}
+        # Invariant: at least k candidates are >= low, fewer than k are >= high.
+        low, high = 0, int(torch.iinfo(torch.int32).max) + 1
+        while high - low > 1:
+            trials = torch.unique(torch.linspace(low, high, 257, dtype=torch.float64).round().long()[1:-1])
+            trials = trials[(trials > low) & (trials < high)]
+            below = torch.searchsorted(ordered, trials.to(device=ordered.device, dtype=torch.int32), side="left")
+            at_least = total(ordered.numel() - below.cpu().to(torch.int64))
+            enough = (at_least >= k).nonzero().squeeze(1)
+            if enough.numel():
+                low = int(trials[enough[-1]])
+            after = enough[-1] + 1 if enough.numel() else 0
+            high = int(trials[after]) if after < trials.numel() else high
+        # ``low`` is now the k-th largest value: fewer than k lie above it; the rest are taken from its ties in order.
+        counts = torch.zeros(2, len(layers), dtype=torch.int64)
+        position = {layer.index: j for j, layer in enumerate(layers)}
+        for i in keys:
+            counts[0, position[i]] = int((allowed[i] & (keys[i] > low)).sum())
+            counts[1, position[i]] = int((allowed[i] & (keys[i] == low)).sum())
+        counts = total(counts)
+        before = torch.cumsum(counts[1], 0) - counts[1]  # ties in the layers listed before each one
+        left = k - int(counts[0].sum())
+        chosen = {}
+        for i in keys:
+            quota = max(0, min(int(counts[1, position[i]]), left - int(before[position[i]])))
+            pick = allowed[i] & (keys[i] > low)
+            ties = (allowed[i] & (keys[i] == low)).nonzero().squeeze(1)[:quota]
+            pick[ties] = True
+            chosen[i] = pick
+        return chosen
 
     def checksums(self, layers: Sequence[Layer]) -> torch.Tensor | None:
         """Checksums of every mask (int64 ``[len(layers)]``), or None in one process, where there is nothing to
