@@ -34,9 +34,10 @@ COMMANDS = {
     "[--classes 1,3,5] [--truncation 0.5] [--per-class 8] [--interpolate] [--standing] [--seed 0]",
     "export": "the EMA generator as one compact sparse file (safetensors), for sample --from: RUN_DIR_OR_CHECKPOINT "
     "--out G.sgt [--force]",
-    "bench": "efficiency figures, dense vs sparse, as JSON: [--suite all|step,masks,topology,data,eval,export] "
-    "[--json out.json] [--tiny]",
-    "report": "PNG plots of a run (losses, evaluation, sparsity, per-layer densities, throughput): RUN_DIR "
+    "bench": "efficiency figures, dense vs sparse, as JSON: "
+    "[--suite all|step,masks,balance,topology,data,eval,export,grown] [--json out.json] [--tiny]",
+    "report": "PNG plots of a run (losses, evaluation, sparsity, ADAPT's balance ratio, per-layer densities, "
+    "throughput): RUN_DIR "
     "[--out DIR (default RUN_DIR/report)]",
     "study": "a grid of runs testing the paper's claims, and its report: --grid study.yaml [--workers N] "
     "[--shard K/N] [--bench digits,ring8,grid25] [--out DIR] [--report FILE] [--report-only]",

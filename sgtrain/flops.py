@@ -274,7 +274,9 @@ def config_flops(cfg: Any) -> dict[str, Any]:
     """:func:`flops_report` of a run config (``sgtrain.config.Config``) at its configured layer densities.
 
     For SNIP, GMP and prune_finetune the per-layer densities are only known during the run (they follow the data or a
-    global threshold); the configured distribution's densities stand in for them here.
+    global threshold); the configured distribution's densities stand in for them here. So for ADAPT, whose D density
+    moves with the balance ratio: this is the cost at the starting densities (a run's metrics.jsonl counts the
+    densities it trained with, and the balance passes).
     """
     from sgtrain.models.build import build_models
     from sgtrain.sparse import MaskManager
@@ -329,4 +331,6 @@ def format_config_flops(report: dict[str, Any]) -> str:
     lines.append(
         f"{'whole run':<30}{format_flops(it['dense'] * c['steps']):>16}{format_flops(it['sparse'] * c['steps']):>16}"
     )
+    if c["method"] == "adapt":
+        lines.append("(ADAPT: at D's starting density; a run's train_flops follow the density it trains with)")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""`sgtrain inspect`: what a checkpoint's masks look like (densities per network and layer, exploration, step)."""
+"""`sgtrain inspect`: what a checkpoint's masks look like (densities per network and layer, exploration, step), and
+under ADAPT the state of D's density rule (balance window, latest decision)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from typing import Any
 import torch
 
 from sgtrain import checkpoint
-from sgtrain.config import config_from_dict
+from sgtrain.config import AdaptConfig, config_from_dict
 from sgtrain.models.build import build_models
+from sgtrain.sparse.balance import balance_ratios
 from sgtrain.sparse.manager import NETWORKS, masked_parameters
 from sgtrain.sparse.topology import unpack_mask
 
 
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The mask report of a run directory's latest checkpoint or of one checkpoint file, as plain data."""
+    """The mask report of a run directory's latest checkpoint or of one checkpoint file, as plain data (with an
+    ``"adapt"`` entry for an ADAPT run only)."""
     source, state = checkpoint.load_run_or_file(path)
     cfg = config_from_dict(state["config"])
     # Only the names and shapes of the masked layers are needed: build with the cheap init (ortho's QR is slow).
@@ -53,12 +56,37 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
             "itop_rate": union_total / max(numel_total, 1),
             "layers": layers,
         }
+    method_state = state.get("masks", {}).get("method_state", {})  # absent in checkpoints older than ADAPT
+    if "window" in method_state:
+        report["adapt"] = _adapt_state(cfg.sparse.adapt, method_state)
     return report
+
+
+def _adapt_state(adapt: AdaptConfig, state: dict[str, Any]) -> dict[str, Any]:
+    """ADAPT's rule as configured and where it stands: D's density, the balance window, the latest decision."""
+    samples = state["window"]["samples"]  # [n, 3] float64: (real, before, after) global means, oldest first
+    return {
+        "variant": adapt.variant,
+        "lower": adapt.lower,
+        "upper": adapt.upper,
+        "minimum": adapt.minimum,
+        "highest": adapt.highest,
+        "d_density": float(state["d_density"]),
+        "window_size": int(state["window"]["size"]),
+        "window_samples": len(samples),
+        # The mean of the samples so far, as metrics.jsonl's adapt/balance_ratio; decisions wait for a full window.
+        "balance_ratio": float(balance_ratios(samples).mean()) if len(samples) else None,
+        "decisions": int(state["decisions"]),
+        "decision": str(state["decision"]) if state["decisions"] else None,
+        "decided_ratio": None if state["ratio"] is None else float(state["ratio"]),
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as a table for people."""
     lines = [f"{report['checkpoint']}: step {report['step']}, sparse.method={report['method']}"]
+    if "adapt" in report:
+        lines += ["", *_format_adapt(report["adapt"])]
     for net, info in report["networks"].items():
         lines.append("")
         lines.append(
@@ -73,3 +101,16 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{layer['density']:>9.4f}"
             )
     return "\n".join(lines)
+
+
+def _format_adapt(adapt: dict[str, Any]) -> list[str]:
+    ratio = "none yet" if adapt["balance_ratio"] is None else f"{adapt['balance_ratio']:.4f}"
+    latest = "none yet"
+    if adapt["decision"] is not None:
+        latest = f"{adapt['decision']} at ratio {adapt['decided_ratio']:.4f} (decisions so far: {adapt['decisions']})"
+    return [
+        f"ADAPT ({adapt['variant']}): D density {adapt['d_density']:.4f} "
+        f"(floor {adapt['minimum']:g}, highest {adapt['highest']:g}), bounds [{adapt['lower']:g}, {adapt['upper']:g}]",
+        f"  balance window {adapt['window_samples']} of {adapt['window_size']} samples, mean ratio {ratio}",
+        f"  latest decision: {latest}",
+    ]

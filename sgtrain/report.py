@@ -24,6 +24,8 @@ from matplotlib.ticker import MaxNLocator
 
 from sgtrain.checkpoint import CheckpointError
 from sgtrain.config import ConfigError
+from sgtrain.sparse.balance import EXPLORE, GROW, HOLD, SHRINK
+from sgtrain.sparse.methods import DECISION_CODES
 
 DPI = 110
 NETWORKS = ("G", "D")
@@ -38,6 +40,13 @@ EVAL_PANELS = (
     (("eval/precision", "eval/recall"), "precision and recall (higher is better)", "fraction"),
     (("eval/classes_covered",), "classes covered (higher is better)", "classes"),
 )
+# ADAPT's decisions on D's density as balance.png marks them: (marker, colour, legend label), in legend order.
+DECISION_STYLES = {
+    GROW: ("^", "tab:green", "grow D (ratio at or above upper)"),
+    SHRINK: ("v", "tab:red", "shrink D (ratio at or below lower)"),
+    EXPLORE: ("*", "tab:purple", "explore D at its cap"),
+    HOLD: ("o", "tab:gray", "hold D"),
+}
 _FLOPS_UNITS = ("FLOPs", "kFLOPs", "MFLOPs", "GFLOPs", "TFLOPs", "PFLOPs", "EFLOPs", "ZFLOPs")
 
 
@@ -127,6 +136,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str
         "losses.png": _losses(records["train"], title),
         "eval.png": _eval(records, config, title),
         "sparsity.png": _sparsity(records["train"], config, title),
+        "balance.png": _balance(records["train"], config, title),
         "layers.png": _layers(run_dir),
         "throughput.png": _throughput(records["train"], title),
     }
@@ -279,6 +289,59 @@ def _sparsity(train: list[dict[str, Any]], config: dict[str, Any], title: str) -
     _finish(density_ax, "density and exploration", STEPS, "fraction of weights")
     _finish(change_ax, "topology updates: weights swapped (or pruned)", STEPS, "fraction of active weights")
     figure.suptitle(f"sparsity: {title}")
+    return figure
+
+
+def _balance(train: list[dict[str, Any]], config: dict[str, Any], title: str) -> Figure | str:
+    """ADAPT: the balance ratio against its bounds, and the densities it steers. A decision is marked at the record
+    that carries it, the first logged step at or after the decision (one per interval: the latest)."""
+    adapt = _setting(config, "sparse", "adapt")
+    adapt = adapt if isinstance(adapt, dict) else {}
+    if not any("adapt/balance_ratio" in record for record in train):
+        method = _setting(config, "sparse", "method")
+        if method != "adapt":
+            return f"no balance ratio logged (sparse.method = {method}; ADAPT logs one)"
+        return (
+            f"no balance ratio logged yet (sparse.adapt.sample_every = {adapt.get('sample_every')}, "
+            f"last logged step {train[-1]['step']})"
+        )
+    names = {code: name for name, code in DECISION_CODES.items()}
+    decided = [r for r in train if names.get(r.get("adapt/decision")) and "adapt/decided_ratio" in r]
+    figure, axes = _figure(1, 2, height=4.5)
+    ratio_ax, density_ax = axes[0]
+    steps, lower = series(train, "adapt/lower")
+    _, upper = series(train, "adapt/upper")
+    if steps and len(lower) == len(upper):
+        fixed = len({*lower}) == len({*upper}) == 1
+        band = f"bounds [{lower[-1]:g}, {upper[-1]:g}]: D holds between" if fixed else "bounds: D holds between"
+        ratio_ax.fill_between(steps, lower, upper, step="post", color="tab:green", alpha=0.15, label=band)
+        for values in (lower, upper):
+            ratio_ax.plot(steps, values, color="tab:green", linewidth=1, drawstyle="steps-post")
+    _line(ratio_ax, *series(train, "adapt/balance_ratio"), "window-mean balance ratio", color="black")
+    for net in NETWORKS:
+        steps, values = series(train, f"sparse/{net}_density")
+        width = 3.0 if net == "G" else 1.5  # G broader than D: where the two lines meet both stay visible
+        style = {"color": COLORS[net], "linewidth": width, "drawstyle": "steps-post"}
+        density_ax.plot(steps, values, label=f"{net} density", **style)
+    for decision, (marker, color, label) in DECISION_STYLES.items():
+        marked = [r for r in decided if names[r["adapt/decision"]] == decision]
+        if not marked:
+            continue
+        steps = [r["step"] for r in marked]
+        style = {"marker": marker, "s": 90 if marker == "*" else 50, "color": color, "edgecolors": "black", "zorder": 3}
+        label = f"{label}: {len(marked)}"
+        ratio_ax.scatter(steps, [r["adapt/decided_ratio"] for r in marked], label=label, **style)
+        density_ax.scatter(steps, [r.get("sparse/D_density", r.get("adapt/D_density")) for r in marked], **style)
+    floor, cap, variant = adapt.get("minimum"), adapt.get("cap"), adapt.get("variant")
+    if isinstance(floor, (int, float)):
+        density_ax.axhline(floor, color="tab:gray", linestyle=":", linewidth=1, label=f"D floor {floor:g}")
+    if variant == "strict" and isinstance(cap, (int, float)):  # relax lets D grow to dense
+        density_ax.axhline(cap, color="tab:gray", linestyle="--", linewidth=1, label=f"D cap {cap:g} (strict)")
+    density_ax.set_ylim(bottom=0)
+    below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncol": 2}  # off the curves
+    _finish(ratio_ax, "balance ratio; decided ratio at D's decisions", STEPS, "balance ratio", **below)
+    _finish(density_ax, "densities; markers: D's decisions", STEPS, "fraction of weights", **below)
+    figure.suptitle(f"ADAPT ({variant}): {title}" if variant else f"ADAPT: {title}")
     return figure
 
 

@@ -39,6 +39,16 @@ def test_every_named_figure_is_a_number(bench: dict[str, Any]) -> None:
     assert _number(step["sparse_vs_dense_time"]) and 0 < step["sparse_vs_dense_flops"] < 1
     # Mask enforcement: the manager vs a state-dict round trip.
     assert _number(s["masks"]["manager"]["median_s"]) and _number(s["masks"]["speedup"])
+    # ADAPT's balance-ratio sampling (--tiny: digits): per iteration with a sample every 10 and with none, the
+    # overhead, and one pass measured directly (a difference of timings: any sign at this size).
+    balance = s["balance"]
+    assert balance["sample_every"] == 10 and balance["d_steps"] == 1
+    assert all(abs(density - 0.1) < 0.01 for density in balance["measured_density"].values())
+    for side in ("sampling", "none"):
+        assert _number(balance[side]["median_s"]) and balance[side]["n"] == 1
+    for key in ("overhead_pct", "overhead_paired_pct", "pass_per_iteration_s", "pass_per_iteration_pct"):
+        assert _number(balance[key]), key
+    assert _number(balance["balance_pass"]["median_s"])
     # Topology update, 1 rank vs 2 ranks, sharded vs naive, with bytes.
     cases = s["topology"]["update_s"]
     assert any(case.startswith("1r/") for case in cases)
@@ -60,7 +70,8 @@ def test_every_named_figure_is_a_number(bench: dict[str, Any]) -> None:
 
 def test_the_summary_holds_each_suites_headline(bench: dict[str, Any]) -> None:
     summary = bench["summary"]
-    for key in ("step_digits_sparse_vs_dense_time", "masks_speedup_vs_state_dict", "data_loader_vs_raw_decode"):
+    headlines = ("step_digits_sparse_vs_dense_time", "masks_speedup_vs_state_dict", "data_loader_vs_raw_decode")
+    for key in (*headlines, "balance_overhead_pct", "balance_pass_per_iteration_pct"):
         assert _number(summary[key]), key
     assert summary["topology_update_s"] and summary["inference_speedup"] and summary["export_coded_vs_goal"]
 

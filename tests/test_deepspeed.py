@@ -220,3 +220,49 @@ def test_deepspeed_config_from_env() -> None:
     assert deepspeed_config_from_env(env)["zero_optimization"]["stage"] == 2
     with pytest.raises(ConfigError, match="No such file"):
         deepspeed_config_from_env({**env, "ACCELERATE_DEEPSPEED_CONFIG_FILE": "/nonexistent/ds.json"})
+
+
+def test_zero2_adapt_changes_ds_density_identically_on_every_rank(tmp_path: Path) -> None:
+    """ADAPT under ZeRO-2 in masked mode: D grows twice and then explores at the strict cap (bounds that every ratio
+    passes), with local scores summed onto owners and one threshold over the network; every rank holds the same
+    masks after every change, D holds exactly its density's share, and inactive weights and moments are zero."""
+    settings = {
+        "train.steps": 8,
+        "train.accumulation": 2,
+        "train.adam_eps": 1e-4,
+        "sparse.method": "adapt",
+        "sparse.density_g": 0.3,
+        "sparse.density_d": 0.3,
+        "sparse.update_every": 3,
+        "sparse.optimizer_state": "masked",
+        "sparse.adapt.variant": "strict",
+        "sparse.adapt.cap": 0.4,
+        "sparse.adapt.lower": -2000.0,
+        "sparse.adapt.upper": -1000.0,
+        "sparse.adapt.sample_every": 1,
+        "sparse.adapt.window": 2,
+        "sparse.adapt.update_every": 2,
+    }
+    cfg = tiny(tmp_path / "run", **settings)
+    assert_all_succeeded(run_ranks(_train_deepspeed, cfg, str(tmp_path), str(ZERO2), 0))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # Updates after steps 2, 3, 4 and 6: D decides at 2, 4 and 6, G explores at 3 and 6.
+    assert len(ranks[0]["updates"]) == 4 and ranks[0]["updates"] == ranks[1]["updates"]
+    state = _final_state(tmp_path / "run")
+    assert (
+        state["masks"]["method_state"]["d_density"] == 0.4 and state["masks"]["method_state"]["decision"] == "explore"
+    )
+    config = config_from_dict(cfg)
+    G, D = build_models(config.model, config.seed)
+    names = {"G": [n for n, _ in G.named_parameters()], "D": [n for n, _ in D.named_parameters()]}
+    active = total = 0
+    for key, entry in state["masks"]["layers"].items():
+        net, layer = key.split(".", 1)
+        weight = state[net][f"{layer}.weight"]
+        mask = unpack_mask(entry["mask"], weight.shape)
+        assert int(mask.sum()) == entry["count"] and not weight[~mask].any(), key
+        slot = state[f"opt_{net.lower()}"]["state"][names[net].index(f"{layer}.weight")]
+        assert not slot["exp_avg"][~mask].any() and not slot["exp_avg_sq"][~mask].any(), key
+        if net == "D":
+            active, total = active + entry["count"], total + weight.numel()
+    assert active == round(0.4 * total)

@@ -28,6 +28,7 @@ def test_inspect_reports_masks_of_a_sparse_run(tiny_config) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["step"] == 4 and set(report["networks"]) == {"G", "D"}
+    assert "adapt" not in report  # ADAPT's state only for ADAPT runs
     state = checkpoint.load_checkpoint(checkpoint.list_checkpoints(run_dir)[-1])
     for net, target in (("G", 0.3), ("D", 0.5)):
         info = report["networks"][net]
@@ -51,10 +52,59 @@ def test_inspect_reports_masks_of_a_sparse_run(tiny_config) -> None:
     assert all(layer["name"] in table for layer in report["networks"]["D"]["layers"])
 
 
+def test_inspect_reports_the_adapt_state(tiny_config) -> None:
+    # A sample every step into a window of 2, decisions every 2 steps: one, at step 2 (the last step has none).
+    cfg = tiny_config(
+        train__steps=4,
+        sparse__method="adapt",
+        sparse__density_g=0.3,
+        sparse__density_d=0.5,
+        sparse__adapt__sample_every=1,
+        sparse__adapt__window=2,
+        sparse__adapt__update_every=2,
+    )
+    run_dir = train(cfg)
+    report = inspect_checkpoint(run_dir)
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    decided = last["adapt/decided_ratio"]
+    decision = "shrink" if decided <= 0.45 else "grow" if decided >= 0.55 else "hold"
+    density = {"shrink": 0.45, "hold": 0.5, "grow": 0.55}[decision]
+    assert report["adapt"] == {
+        "variant": "relax",
+        "lower": 0.45,
+        "upper": 0.55,
+        "minimum": 0.05,
+        "highest": 1.0,
+        "d_density": density,
+        "window_size": 2,
+        "window_samples": 2,
+        "balance_ratio": last["adapt/balance_ratio"],  # the same window's mean as the step-4 record, bit for bit
+        "decisions": 1,
+        "decision": decision,
+        "decided_ratio": decided,
+    }
+    assert last["adapt/D_density"] == density and report["networks"]["D"]["density"] == last["sparse/D_density"]
+    assert json.loads(json.dumps(report)) == report  # what --json prints
+    assert format_report(report).splitlines()[1:5] == [
+        "",
+        f"ADAPT (relax): D density {density:.4f} (floor 0.05, highest 1), bounds [0.45, 0.55]",
+        f"  balance window 2 of 2 samples, mean ratio {last['adapt/balance_ratio']:.4f}",
+        f"  latest decision: {decision} at ratio {decided:.4f} (decisions so far: 1)",
+    ]
+    # Before the first sample (strict: D's highest density is its cap).
+    adapt = {**report["adapt"], "variant": "strict", "highest": 0.5, "d_density": 0.5, "window_samples": 0}
+    adapt.update(balance_ratio=None, decisions=0, decision=None, decided_ratio=None)
+    assert format_report({**report, "adapt": adapt}).splitlines()[2:5] == [
+        "ADAPT (strict): D density 0.5000 (floor 0.05, highest 0.5), bounds [0.45, 0.55]",
+        "  balance window 0 of 2 samples, mean ratio none yet",
+        "  latest decision: none yet",
+    ]
+
+
 def test_inspect_of_a_dense_run_and_bad_paths(tiny_config, tmp_path: Path) -> None:
     run_dir = train(tiny_config(train__steps=1))
     report = inspect_checkpoint(run_dir)
-    assert report["method"] == "dense"
+    assert report["method"] == "dense" and "adapt" not in report
     assert report["networks"]["G"]["density"] == 1.0 and report["networks"]["D"]["itop_rate"] == 1.0
     missing = _cli("inspect", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no such run directory or checkpoint file" in missing.stderr

@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from matplotlib.collections import PathCollection
 from PIL import Image
 
 from sgtrain.__main__ import main
-from sgtrain.report import flops_at, flops_unit, load_records, series
+from sgtrain.report import _balance, flops_at, flops_unit, load_records, series
 from sgtrain.train import train
 
 PLOTS = ("losses.png", "eval.png", "sparsity.png", "layers.png", "throughput.png")
@@ -71,7 +72,9 @@ def test_records_are_the_metrics_file_one_per_step_and_kind(run_dir: Path) -> No
 def test_report_command_writes_every_plot(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "look"
     assert main(["report", str(run_dir), "--out", str(out)]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"sgtrain: wrote {out / name}" for name in PLOTS]
+    wrote = [f"sgtrain: wrote {out / name}" for name in PLOTS]
+    skipped = "sgtrain: skipped balance.png: no balance ratio logged (sparse.method = stu; ADAPT logs one)"
+    assert capsys.readouterr().out.splitlines() == [*wrote[:3], skipped, *wrote[3:]]
     assert sorted(p.name for p in out.iterdir()) == sorted(PLOTS)
     for name in PLOTS:
         _assert_png(out / name)
@@ -99,11 +102,67 @@ def test_run_without_checkpoints_or_evaluations(run_dir: Path, tmp_path: Path, c
         f"sgtrain: wrote {dense / 'report' / 'losses.png'}",
         "sgtrain: skipped eval.png: no evaluation records (train.eval_every = 0)",
         "sgtrain: skipped sparsity.png: no topology updates logged (sparse.method = dense)",
+        "sgtrain: skipped balance.png: no balance ratio logged (sparse.method = dense; ADAPT logs one)",
         f"sgtrain: skipped layers.png: {dense}: no complete checkpoint in this run directory",
         f"sgtrain: wrote {dense / 'report' / 'throughput.png'}",
     ]
     for name in ("losses.png", "throughput.png"):
         _assert_png(dense / "report" / name)
+
+
+def test_balance_plot_of_an_adapt_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Strict ADAPT from D at 0.3 by steps of 0.1 up to a cap of 0.4: a sample every 2 steps from step 2, decisions at
+    # 4 (grow), 6 (explore at the cap), 8 (shrink) and 10 (hold), each logged at its step.
+    config = {"sparse": {"method": "adapt", "adapt": {"variant": "strict", "minimum": 0.05, "cap": 0.4}}}
+    config["sparse"]["adapt"]["sample_every"] = 2
+    (tmp_path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    ratios = {2: 0.7, 4: 0.6, 6: 0.6, 8: 0.3, 10: 0.5}
+    decisions = {4: (1.0, 0.4), 6: (2.0, 0.4), 8: (-1.0, 0.3), 10: (0.0, 0.3)}  # step: (decision code, D after it)
+    records, d_density, decided = [], 0.3, None
+    for step in range(1, 12):
+        record = {"step": step, "images_seen": 8 * step, "g_loss": 1.0, "adapt/lower": 0.45, "adapt/upper": 0.55}
+        if step in decisions:
+            record["adapt/decision"], d_density = decisions[step]
+            decided = ratios[step]
+        record.update({"sparse/G_density": 0.2, "sparse/D_density": d_density, "adapt/D_density": d_density})
+        if step >= 2:  # the window's mean after the latest sample
+            record["adapt/balance_ratio"] = ratios[step - step % 2]
+        if decided is not None:
+            record["adapt/decided_ratio"] = decided
+        records.append(record)
+    # Before the first sample: skipped, and why.
+    _write_lines(tmp_path / "metrics.jsonl", records[:1])
+    assert main(["report", str(tmp_path)]) == 0
+    skipped = (
+        "sgtrain: skipped balance.png: no balance ratio logged yet (sparse.adapt.sample_every = 2, last logged step 1)"
+    )
+    assert skipped in capsys.readouterr().out.splitlines()
+    _write_lines(tmp_path / "metrics.jsonl", records)
+    assert main(["report", str(tmp_path)]) == 0
+    assert f"sgtrain: wrote {tmp_path / 'report' / 'balance.png'}" in capsys.readouterr().out.splitlines()
+    _assert_png(tmp_path / "report" / "balance.png")
+    # Each decision marked, by its kind, at the decided ratio (left) and at D's density after it (right).
+    ratio_ax, density_ax = _balance(load_records(tmp_path)["train"], config, "t").axes
+    assert [text.get_text() for text in ratio_ax.get_legend().get_texts()] == [
+        "bounds [0.45, 0.55]: D holds between",
+        "window-mean balance ratio",
+        "grow D (ratio at or above upper): 1",
+        "shrink D (ratio at or below lower): 1",
+        "explore D at its cap: 1",
+        "hold D: 1",
+    ]
+    assert [text.get_text() for text in density_ax.get_legend().get_texts()] == [
+        "G density",
+        "D density",
+        "D floor 0.05",
+        "D cap 0.4 (strict)",
+    ]
+    for ax, marked in (
+        (ratio_ax, [(4, 0.6), (8, 0.3), (6, 0.6), (10, 0.5)]),
+        (density_ax, [(4, 0.4), (8, 0.3), (6, 0.4), (10, 0.3)]),
+    ):
+        points = [tuple(c.get_offsets()[0]) for c in ax.collections if isinstance(c, PathCollection)]
+        assert points == marked
 
 
 def test_a_step_logged_twice_keeps_its_last_record(tmp_path: Path) -> None:

@@ -99,17 +99,17 @@ def test_a_bad_grid_fails_in_one_line_before_any_cell_runs(tmp_path: Path, capsy
     assert main(["study", "--grid", str(grid_path)]) == 2
     assert "methods.stu must give sparse settings with a 'method' key" in capsys.readouterr().err
     assert main(["study", "--grid", str(tmp_path / "missing.yaml")]) == 2
-    assert "shipped grids: gaussians_recipe.yaml, study.yaml" in capsys.readouterr().err
+    assert "shipped grids: gaussians_adapt.yaml, gaussians_recipe.yaml, study.yaml" in capsys.readouterr().err
 
 
 def test_the_shipped_grid_has_the_issues_cells_and_shards_split_it() -> None:
     grid = load_grid("study.yaml")
     cells = grid.cells()
     digits = [c for c in cells if c.kind == "digits"]
-    # dense once per seed, then 4 sparse methods x 4 G densities x 2 D densities x 3 seeds
-    assert len(digits) == 3 + 4 * 4 * 2 * 3
+    # dense once per seed, then 5 sparse methods x 4 G densities x 2 D densities x 3 seeds
+    assert len(digits) == 3 + 5 * 4 * 2 * 3
     assert {c.density_g for c in digits} == {1.0, 0.05, 0.1, 0.2, 0.3} and {c.seed for c in digits} == {0, 1, 2}
-    assert {c.method for c in digits} == {"dense", "static", "snip", "gmp", "stu"}
+    assert {c.method for c in digits} == {"dense", "static", "snip", "gmp", "stu", "adapt"}
     toy = [c for c in cells if c.kind == "gaussians"]
     assert {c.bench for c in toy} == {"ring8", "grid25"} and {c.density_g for c in toy} == {1.0, 0.1, 0.05}
     assert len({c.name for c in cells}) == len(cells)

@@ -13,6 +13,9 @@ Three measurements, each printed as a table (and written to JSON with ``--json``
    with G (gradient growth) and D (random growth) both exploring, against a training iteration measured at a small
    batch and extrapolated, clearly labelled, to the config's global batch.
 
+``sgtrain bench --suite balance`` also runs :func:`bench_balance`, which is not part of this script's run: what
+ADAPT's balance-ratio sampling (``sparse.method: adapt``) adds to a CIFAR-10 training iteration.
+
 The masks are dense bool tensors multiplied into dense weights, so sparse training costs the dense FLOPs plus the
 masking: the overhead measured here is that of the masks, not a speed-up from sparsity.
 
@@ -74,6 +77,9 @@ class Settings:
     update_repeats: int | None = None  # timed ImageNet-128 topology updates (3, quick 1)
     imagenet_batches: list[int] | None = None  # batches of the timed ImageNet-128 iterations ([2, 8], quick [2, 4])
     imagenet_repeats: int | None = None  # timed ImageNet-128 iterations per batch (3, quick 1)
+    # bench_balance: timed blocks of sparse.adapt.sample_every iterations per side (12, quick 6; even, so that each
+    # side runs first equally often)
+    balance_repeats: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.d_steps < 1:
@@ -90,8 +96,10 @@ class Settings:
             self.imagenet_batches = [2, 4] if quick else [2, 8]
         if self.imagenet_repeats is None:
             self.imagenet_repeats = 1 if quick else 3
-        if self.repeats < 1:
-            raise ValueError("--repeats must be >= 1")
+        if self.balance_repeats is None:
+            self.balance_repeats = 6 if quick else 12
+        if self.repeats < 1 or self.balance_repeats < 1:
+            raise ValueError("--repeats and balance_repeats must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -99,10 +107,11 @@ class Settings:
 
 
 def fmt_time(seconds: float) -> str:
-    """Seconds in the unit that keeps three significant digits readable: ``0.0123 -> "12.3 ms"``."""
-    if seconds >= 1.0:
+    """Seconds in the unit that keeps three significant digits readable: ``0.0123 -> "12.3 ms"`` (a difference of
+    timings may be negative: ``-0.0123 -> "-12.3 ms"``)."""
+    if abs(seconds) >= 1.0:
         return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
+    if abs(seconds) >= 1e-3:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds * 1e6:.1f} us"
 
@@ -144,11 +153,12 @@ def build_run(cfg: Config, device: torch.device | str = "cpu") -> Run:
     return Run(cfg, G, D, opt_g, opt_d, masks, ema, real.to(device), y_real.to(device))
 
 
-def train_iteration(run: Run, *, on_schedule: bool = False) -> dict[str, float]:
+def train_iteration(run: Run, *, on_schedule: bool = False, balance_every: int | None = None) -> dict[str, float]:
     """One G iteration, :class:`sgtrain.step.GanStep` as the loop runs it: ``d_steps`` D steps, one G step, EMA,
     ``maybe_update``. Single process, no accumulation and no autocast. The step is advanced past update steps, to
     measure the steady state between topology updates; ``on_schedule`` takes the next step as it comes, update or
-    not. Returns ``maybe_update``'s metrics.
+    not. ``balance_every`` is ``GanStep``'s (None: the method's balance-ratio sampling, ADAPT's; 0: none). Returns
+    ``maybe_update``'s metrics.
     """
     cfg, masks, micro = run.cfg, run.masks, run.cfg.train.batch_size
     step = run.step + 1
@@ -169,6 +179,7 @@ def train_iteration(run: Run, *, on_schedule: bool = False) -> dict[str, float]:
         masks=masks,
         ema=run.ema,
         d_steps=cfg.train.d_steps,
+        balance_every=balance_every,
     )
     metrics = gan(step - 1, lambda: (run.real, run.y_real), latents).topology
     if metrics and not on_schedule:
@@ -445,6 +456,113 @@ def bench_imagenet_iteration(settings: Settings, global_batch_update: float) -> 
     out["update_every"] = every
     out["amortized_update_pct"] = 100 * global_batch_update / (every * best)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. ADAPT's balance-ratio sampling per iteration (CIFAR-10; `sgtrain bench --suite balance`).
+
+# ADAPT as the authors' relax script runs it (cifar10_adapt.yaml: G 0.1 / D 0.1, a sample every 10 iterations).
+# Both of its other intervals are longer than any measurement (and than the run, so G's schedule ends first): no
+# topology update of G and no density decision of D falls among the timed steps, and the two sides differ by the
+# balance-ratio sampling alone. The settings' batch and D steps replace the config's (5 D steps: at 1, the default,
+# the sampling's share of an iteration is the largest it can be).
+QUIET_INTERVAL = 10**6
+BALANCE_OVERRIDES = {
+    "sparse.method": "adapt",
+    "sparse.update_every": QUIET_INTERVAL,
+    "sparse.adapt.update_every": QUIET_INTERVAL,
+}
+
+
+def bench_balance(settings: Settings, config: str = "cifar10_adapt.yaml") -> dict[str, Any]:
+    """ADAPT's balance-ratio sampling: the mean time of a training iteration of one run with a sample every
+    ``sparse.adapt.sample_every`` iterations (after the G step one G forward on its latents, one D forward over the
+    last real batch and those fakes, one all-reduce of 6 numbers) against the same run with ``balance_every=0``.
+
+    Both sides are timed in blocks of ``sample_every`` iterations, so that each sampling block holds exactly one
+    sample (its last iteration); blocks alternate between the sides, the order flipped every round, as
+    :func:`bench_iteration` interleaves dense and sparse. A sample's own cost is measured directly as well: in each
+    sampling block, its sampling iteration minus the median of its other iterations. Divided by ``sample_every``
+    it should match the overhead of the whole blocks."""
+    overrides = {"train.batch_size": settings.batch, "train.d_steps": settings.d_steps, **BALANCE_OVERRIDES}
+    cfg = load_config(config, overrides)
+    run = build_run(cfg, settings.device)
+    every = run.masks.balance_every
+    if every != cfg.sparse.adapt.sample_every or every < 2:
+        raise RuntimeError(
+            f"the manager samples every {every} iterations, the config every {cfg.sparse.adapt.sample_every}"
+        )
+    measured = {net: density(run.masks, net) for net in NETWORKS}
+    window = run.masks.method.window  # ADAPT's balance window: it counts the samples taken
+
+    # The warm-up ends on a sampling step, so the first balance pass (its allocations) is not timed and every timed
+    # block starts right after a multiple of ``every``: its last iteration is the one that samples.
+    run.step = (-settings.warmup) % every
+    progress(
+        f"{config} ADAPT balance sampling: warm-up {settings.warmup} + {settings.balance_repeats} interleaved rounds "
+        f"of 2 x {every} iterations"
+    )
+    for _ in range(settings.warmup):
+        train_iteration(run)
+    gc.collect()
+    sides = {"sampling": None, "none": 0}  # GanStep.balance_every: None the method's (every), 0 never
+    taken = len(window.samples)
+    blocks: dict[str, list[list[float]]] = {side: [] for side in sides}
+    for i in range(settings.balance_repeats):
+        order = tuple(sides) if i % 2 == 0 else tuple(sides)[::-1]
+        for side in order:
+            block = [timed(lambda b=sides[side]: train_iteration(run, balance_every=b)) for _ in range(every)]
+            blocks[side].append(block)
+    # One sample per sampling block and none elsewhere (a full window keeps its size). A decision cannot have
+    # fallen among them: train_iteration stops at any topology change.
+    if len(window.samples) != min(taken + settings.balance_repeats, window.size):
+        raise RuntimeError(
+            f"{len(window.samples) - taken} balance samples taken in {settings.balance_repeats} sampling blocks"
+        )
+
+    means = {side: [sum(block) / every for block in blocks[side]] for side in sides}
+    stats = {side: median_iqr(values) for side, values in means.items()}
+    ratios = [s / n for s, n in zip(means["sampling"], means["none"], strict=True)]
+    passes = median_iqr([block[-1] - statistics.median(block[:-1]) for block in blocks["sampling"]])
+    plain = stats["none"]["median_s"]
+    return {
+        "config": f"{config} with sparse.method=adapt, no topology update or decision",
+        "device": str(settings.device),
+        "batch_size": settings.batch,
+        "d_steps": settings.d_steps,
+        "sample_every": every,
+        "measured_density": measured,
+        # Per-iteration means of the blocks, seconds.
+        "sampling": stats["sampling"],
+        "none": stats["none"],
+        "overhead_pct": 100 * (stats["sampling"]["median_s"] / plain - 1),
+        "overhead_paired_pct": 100 * (statistics.median(ratios) - 1),  # the median of per-round ratios
+        # One balance pass, measured directly, and its share of an iteration at the sampling interval.
+        "balance_pass": passes,
+        "pass_per_iteration_s": passes["median_s"] / every,
+        "pass_per_iteration_pct": 100 * passes["median_s"] / every / plain,
+    }
+
+
+def print_balance(result: dict[str, Any]) -> None:
+    """The table of a :func:`bench_balance` result, on stdout."""
+    every, dens = result["sample_every"], result["measured_density"]
+    print(
+        f"ADAPT balance-ratio sampling, {result['config']}: G {dens['G']:.3f} / D {dens['D']:.3f} measured, "
+        f"batch {result['batch_size']}, {result['d_steps']} D step(s), {result['device']}"
+    )
+    print(f"   per training iteration (the mean of each block of {every} iterations):")
+    print(stat_row(f"sampling every {every} iterations", result["sampling"]))
+    print(stat_row("no sampling (balance_every=0)", result["none"]))
+    print(
+        f"   overhead: {result['overhead_pct']:+.2f}% of an iteration (medians), "
+        f"{result['overhead_paired_pct']:+.2f}% (median of paired rounds)"
+    )
+    print(stat_row("one balance pass, measured directly", result["balance_pass"]))
+    print(
+        f"   cross-check: one pass / {every} = {fmt_time(result['pass_per_iteration_s'])} per iteration, "
+        f"{result['pass_per_iteration_pct']:.2f}% of an iteration"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

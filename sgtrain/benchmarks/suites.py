@@ -5,6 +5,9 @@ Suites (``--suite all`` runs them in this order; each warms up, repeats and repo
 - ``step``: a training iteration per model config (digits, CIFAR-10; ImageNet-128 too on a GPU), dense vs the
   config's sparse method, interleaved; on the GPU when there is one (``sgtrain.benchmarks.sparse_overhead``).
 - ``masks``: mask enforcement per iteration (the mask manager vs a state-dict round trip), same module.
+- ``balance``: ADAPT's balance-ratio sampling per CIFAR-10 iteration: a sample every ``sparse.adapt.sample_every``
+  iterations vs none, interleaved in blocks of that many iterations, and one balance pass measured directly; on the
+  GPU when there is one (same module).
 - ``topology``: one topology update of the CIFAR-10 G + D, 1 rank vs 2 gloo ranks, sharded vs naive, with the bytes
   each rank sends (``sgtrain.benchmarks.distributed_topology``).
 - ``data``: sgtrain's shard loader vs raw webdataset decode at 128 px (``sgtrain.benchmarks.data_throughput``).
@@ -38,14 +41,15 @@ from sgtrain.benchmarks import data_throughput, distributed_topology, grown_weig
 from sgtrain.benchmarks.harness import load_avg, machine, median_seconds, progress, write_json
 from sgtrain.config import ConfigError
 
-SUITES = ("step", "masks", "topology", "data", "eval", "export", "grown")
+SUITES = ("step", "masks", "balance", "topology", "data", "eval", "export", "grown")
 FORMAT = "sgtrain-bench/1"
 
 
 def _overhead_settings(tiny: bool) -> sparse_overhead.Settings:
-    """The step and masks suites' settings: ``sparse_overhead``'s quick counts; tiny, one timed round at batch 2."""
+    """The step, masks and balance suites' settings: ``sparse_overhead``'s quick counts; tiny, one timed round at
+    batch 2."""
     if tiny:
-        return sparse_overhead.Settings(quick=True, repeats=1, batch=2, warmup=1, enforce_repeats=2)
+        return sparse_overhead.Settings(quick=True, repeats=1, batch=2, warmup=1, enforce_repeats=2, balance_repeats=1)
     return sparse_overhead.Settings(quick=True)
 
 
@@ -67,6 +71,12 @@ def suite_step(tiny: bool) -> dict[str, Any]:
 
 def suite_masks(tiny: bool) -> dict[str, Any]:
     return sparse_overhead.bench_enforcement(_overhead_settings(tiny))
+
+
+def suite_balance(tiny: bool) -> dict[str, Any]:
+    figures = sparse_overhead.bench_balance(_overhead_settings(tiny), "digits.yaml" if tiny else "cifar10_adapt.yaml")
+    sparse_overhead.print_balance(figures)
+    return figures
 
 
 def suite_topology(tiny: bool) -> dict[str, Any]:
@@ -154,6 +164,7 @@ def _quietly(fn: Callable[[], Any]) -> Any:
 SUITE_FUNCTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "step": suite_step,
     "masks": suite_masks,
+    "balance": suite_balance,
     "topology": suite_topology,
     "data": suite_data,
     "eval": suite_eval,
@@ -177,6 +188,13 @@ def summarize(suites: dict[str, Any]) -> dict[str, Any]:
     if "masks" in suites:
         out["masks_manager_s"] = suites["masks"]["manager"]["median_s"]
         out["masks_speedup_vs_state_dict"] = suites["masks"]["speedup"]
+    if "balance" in suites:
+        balance = suites["balance"]
+        out["balance_sampling_s"], out["balance_none_s"] = balance["sampling"]["median_s"], balance["none"]["median_s"]
+        out["balance_overhead_pct"] = balance["overhead_pct"]
+        out["balance_overhead_paired_pct"] = balance["overhead_paired_pct"]
+        out["balance_pass_s"] = balance["balance_pass"]["median_s"]
+        out["balance_pass_per_iteration_pct"] = balance["pass_per_iteration_pct"]
     if "topology" in suites:
         out["topology_update_s"] = suites["topology"]["update_s"]
     if "data" in suites:

@@ -502,7 +502,9 @@ class ADAPT(STU):
         self.decisions = int(state["decisions"])
         active = sum(layer.count for layer in layers["D"])
         total = sum(layer.numel for layer in layers["D"])
-        if layers["D"] and active != round(self.d_density * total) and self.cfg.adapt.selection == "global":
+        # Once a global change has set D's density, D holds exactly its share (before, the distribution's counts).
+        changed = self.d_density != self.cfg.density_d and self.cfg.adapt.selection == "global"
+        if layers["D"] and changed and active != round(self.d_density * total):
             raise ConfigError(
                 f"the checkpoint's D masks hold {active} of {total} weights, not its ADAPT density {self.d_density}"
             )

@@ -18,7 +18,7 @@ from sgtrain.study.grid import Cell, Grid
 from sgtrain.study.stats import RowKey, Rows, aggregate, load_results
 
 # The paper's names for the methods, in the order tables list them.
-LABELS = {"dense": "dense", "static": "static", "snip": "SNIP", "gmp": "GMP", "stu": "STU-GAN"}
+LABELS = {"dense": "dense", "static": "static", "snip": "SNIP", "gmp": "GMP", "stu": "STU-GAN", "adapt": "ADAPT"}
 NOTES_MARKER = "<!-- notes: everything below this line is kept when the study rewrites this file -->"
 
 
@@ -36,9 +36,15 @@ def _label(grid: Grid, method: str) -> str:
     """The paper's name of the method, with the grid's own name where two grid methods share one kind."""
     if method not in grid.methods:
         return method
-    kind = grid.methods[method]["method"]
-    shared = sum(settings["method"] == kind for settings in grid.methods.values()) > 1
-    return f"{LABELS.get(kind, kind)} ({method})" if shared else LABELS.get(kind, method)
+
+    def kind(settings: dict[str, Any]) -> str:  # ADAPT's variants are two methods of the paper: ADAPT-relax, -strict
+        if settings["method"] == "adapt":
+            return f"ADAPT-{(settings.get('adapt') or {}).get('variant', 'relax')}"
+        return LABELS.get(settings["method"], settings["method"])
+
+    name = kind(grid.methods[method])
+    shared = sum(kind(settings) == name for settings in grid.methods.values()) > 1
+    return f"{name} ({method})" if shared else name
 
 
 def digits_table(grid: Grid, rows: Rows) -> str:
@@ -353,7 +359,17 @@ def _gaussians_stu_recipes(grid: Grid) -> list[str]:
     assert grid.gaussians is not None
     lines = []
     for cell in grid.cells():
-        if cell.kind == "gaussians" and grid.methods[cell.method]["method"] == "stu" and cell.seed == grid.seeds[0]:
+        kind = grid.methods[cell.method]["method"]
+        if cell.kind == "gaussians" and kind == "adapt" and cell.seed == grid.seeds[0]:
+            a = grid.gaussians_config(cell).sparse.adapt
+            if cell.bench == grid.gaussians["datasets"][0] and cell.density_g == grid.gaussians["density_g"][0]:
+                lines.append(
+                    f"- Gaussians, {_label(grid, cell.method)}: G as STU-GAN; D's density decided every "
+                    f"{a.decide_every} steps from the mean balance ratio of the latest {a.window} samples (one every "
+                    f"{a.sample_every} steps), bounds {a.lower:g} / {a.upper:g}, step {a.step:g}, floor "
+                    f"{a.minimum:g}, up to {a.highest:g}, selection {a.selection}."
+                )
+        if cell.kind == "gaussians" and kind == "stu" and cell.seed == grid.seeds[0]:
             g = grid.gaussians_config(cell)
             if cell.bench == grid.gaussians["datasets"][0] and cell.density_g == grid.gaussians["density_g"][0]:
                 lines.append(
