@@ -236,10 +236,12 @@ class AdaptConfig:
             f"sparse.adapt.lower < sparse.adapt.upper must hold, got {self.lower}, {self.upper}",
         )
         _check(0 < self.step <= 1, f"sparse.adapt.step must be in (0, 1], got {self.step}")
-        _check(
-            0 < self.minimum <= self.cap <= 1,
-            f"0 < sparse.adapt.minimum <= sparse.adapt.cap <= 1 must hold, got {self.minimum}, {self.cap}",
-        )
+        _check(0 < self.minimum <= 1, f"sparse.adapt.minimum must be in (0, 1], got {self.minimum}")
+        if self.variant == "strict":
+            _check(
+                self.minimum <= self.cap <= 1,
+                f"sparse.adapt.minimum <= sparse.adapt.cap <= 1 must hold, got {self.minimum}, {self.cap}",
+            )
         _check(self.sample_every >= 1, f"sparse.adapt.sample_every must be >= 1, got {self.sample_every}")
         _check(self.window >= 1, f"sparse.adapt.window must be >= 1, got {self.window}")
         _check(
@@ -361,6 +363,11 @@ class SparseConfig:
                 self.explore in ("G", "none"),
                 f"sparse.method=adapt steers D's topology itself; sparse.explore must be G or none, "
                 f"got {self.explore!r}",
+            )
+            _check(
+                not (self.dense_first_last and a.selection == "global"),
+                "sparse.dense_first_last keeps layers out of every change, which one threshold over the network "
+                "cannot: use sparse.adapt.selection: layer with it",
             )
             _check(
                 a.minimum <= self.density_d <= a.highest,

@@ -181,7 +181,8 @@ class GanStep:
         if self.is_finite("G", losses, G.module):
             result.g_loss = torch.stack(losses).sum()
             self._update("G", G)
-        if balance and self._last_real is not None:
+        # Only after an applied G update: a skipped one (a non-finite loss) would hand over "after" = "before".
+        if balance and result.g_loss is not None and self._last_real is not None:
             # One extra D pass (unwrapped: nothing to reduce) over the last real batch and the last round's latents
             # through the updated G, both networks in training mode as in the G step: D is the one that scored the
             # fakes before the step, so "before" and "after" differ by the G update only (as YiteWang/ADAPT does; as

@@ -196,9 +196,9 @@ def training_loop(
         g_densities, d_densities = masks.layer_densities("G"), masks.layer_densities("D")
         progress.flops["dense"] += dense_iteration
         progress.flops["sparse"] += _iteration_flops(cfg, layer_flops, g_densities, d_densities)
-        if masks.balance_every and (progress.step + 1) % masks.balance_every == 0:  # ADAPT's extra G and D pass
-            progress.flops["sparse"] += balance_flops(
-                layer_flops["G"]["layers"], layer_flops["D"]["layers"], g_densities, d_densities, t.batch_size
+        if masks.balance_every and (progress.step + 1) % masks.balance_every == 0:  # ADAPT's extra G and D pass,
+            progress.flops["sparse"] += balance_flops(  # over the last micro-batch
+                layer_flops["G"]["layers"], layer_flops["D"]["layers"], g_densities, d_densities, micro_global
             )
         latents = StepLatents(cfg, progress.step, global_batch=micro_global, mine=mine, device=dist.device)
         result = gan(progress.step, lambda: batches.next(dist.device), latents)

@@ -287,6 +287,25 @@ def test_no_decision_rests_on_a_partial_window() -> None:
     assert masks.method.d_density == 0.35 and masks.method.decisions == 1
 
 
+def test_samples_without_a_finite_ratio_are_left_out_of_the_window() -> None:
+    masks, *_ = manager(config(sparse__adapt__window=3))
+    masks.observe_balance(*sample(0.75))
+    masks.observe_balance(torch.tensor([0.5]), torch.tensor([0.5]), torch.tensor([0.7]))  # D scores reals as fakes
+    masks.observe_balance(torch.tensor([1.0]), torch.tensor([float("nan")]), torch.tensor([0.0]))
+    masks.observe_balance(*sample(0.25))
+    assert [float(row[2]) for row in masks.method.window.samples] == [0.75, 0.25]
+    assert masks.status()["adapt/dropped_samples"] == 2 and masks.status()["adapt/balance_ratio"] == 0.5
+
+
+def test_g_does_not_explore_after_the_last_step() -> None:
+    masks, G, D = manager(config(train__steps=6, sparse__update_every=3, sparse__adapt__update_every=1000))
+    drive(masks, G, D, range(1, 6), ratio=0.5)
+    before = {x.name: x.mask.clone() for x in masks.layers["G"]}
+    assert masks.method.wants_gradient(masks.layers["G"][0], 5) is False  # no score kept for step 6
+    assert drive(masks, G, D, range(6, 7), ratio=0.5) == [{}]
+    assert all(torch.equal(x.mask, before[x.name]) for x in masks.layers["G"])
+
+
 def test_gs_drop_and_grow_is_global_and_keeps_gs_count() -> None:
     masks, G, D = manager(config(sparse__update_every=3, sparse__adapt__update_every=1000))
     layers = masks.layers["G"]
@@ -326,6 +345,10 @@ def test_the_method_state_round_trips_and_a_damaged_one_is_refused() -> None:
     state["method_state"]["d_density"] = 0.5
     with pytest.raises(ConfigError, match=r"ADAPT density 0\.5"):
         again.load_state_dict(state)
+    capped, *_ = manager(config(sparse__adapt__window=3, sparse__adapt__variant="strict", sparse__adapt__cap=0.3))
+    state["method_state"]["d_density"] = 0.35
+    with pytest.raises(ConfigError, match=r"outside this run's ADAPT range \[0\.05, 0\.3\]"):
+        capped.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -343,6 +366,7 @@ def test_the_method_state_round_trips_and_a_damaged_one_is_refused() -> None:
         ({"sparse.adapt.window": 0}, "sparse.adapt.window must be >= 1"),
         ({"sparse.adapt.selection": "local"}, "sparse.adapt.selection must be one of global, layer"),
         ({"sparse.adapt.grow": "magnitude"}, "sparse.adapt.grow must be one of"),
+        ({"sparse.dense_first_last": True}, "use sparse.adapt.selection: layer with it"),
     ],
 )
 def test_bad_adapt_settings_are_one_line_config_errors(overrides: dict[str, Any], message: str) -> None:

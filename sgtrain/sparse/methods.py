@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from sgtrain.config import ConfigError, SparseConfig
-from sgtrain.sparse.balance import EXPLORE, GROW, HOLD, SHRINK, BalanceWindow, next_density
+from sgtrain.sparse.balance import EXPLORE, GROW, HOLD, SHRINK, BalanceWindow, balance_ratios, next_density
 from sgtrain.sparse.distribution import active_counts, layer_densities
 from sgtrain.sparse.layers import NETWORKS, Layer
 from sgtrain.sparse.schedule import UpdateSchedule, gmp_density
@@ -299,6 +299,7 @@ class ADAPT(STU):
         self.ratio: float | None = None  # the window's ratio at the latest decision
         self.decision = HOLD  # the latest decision
         self.decisions = 0
+        self.dropped_samples = 0  # balance samples whose ratio was not finite
         self._pending: tuple[float, str] | None = None  # this step's decision, applied by update("D")
         # Strict at the cap: the authors' CosineDecay(0.5, eta_min=0.005) over the whole run.
         self.explore_schedule = UpdateSchedule(
@@ -319,7 +320,13 @@ class ADAPT(STU):
         return 0 < step < self.total_steps and step % self.adapt.decide_every == 0
 
     def observe_balance(self, means: torch.Tensor) -> None:
-        self.window.add(means)
+        # A sample whose ratio is not finite (non-finite logits, or D scoring reals and fakes alike: a zero
+        # denominator) would make every mean of the window NaN or infinite until it falls out; the authors' code
+        # keeps it. The means are global, so every rank drops the same samples.
+        if bool(torch.isfinite(balance_ratios(means.reshape(1, 3).double())).all()):
+            self.window.add(means)
+        else:
+            self.dropped_samples += 1
 
     def weighs_dense_layers(self, net: str) -> bool:
         return net == "D" or self.global_selection
@@ -330,7 +337,8 @@ class ADAPT(STU):
         if not self.global_selection:
             return super().wants_gradient(layer, step)
         # One threshold over G: a layer the distribution made dense can lose weights and grow them back.
-        return self.explores["G"] and self.growth["G"].wants_gradient(self.schedule.is_update_step(step + 1))
+        update = self.schedule.is_update_step(step + 1) and step + 1 < self.total_steps
+        return self.explores["G"] and self.growth["G"].wants_gradient(update)
 
     def check_engine(self) -> None:
         super().check_engine()
@@ -339,8 +347,9 @@ class ADAPT(STU):
 
     def due(self, step: int) -> tuple[str, ...]:
         # D is due at every decision step, whatever the decision: update("D") also releases the gradient kept for a
-        # growth that did not happen.
-        nets = super().due(step)
+        # growth that did not happen. G does not explore after the last step (as in the authors' code: a weight
+        # grown then would enter the final model at zero, untrained).
+        nets = super().due(step) if step < self.total_steps else ()
         self._pending = None
         if not self.is_decision_step(step):
             return nets
@@ -478,6 +487,8 @@ class ADAPT(STU):
             figures["adapt/balance_ratio"] = current
         if self.ratio is not None:
             figures["adapt/decided_ratio"] = self.ratio
+        if self.dropped_samples:
+            figures["adapt/dropped_samples"] = self.dropped_samples
         return figures
 
     def state_dict(self) -> dict[str, Any]:
@@ -487,6 +498,7 @@ class ADAPT(STU):
             "ratio": self.ratio,
             "decision": self.decision,
             "decisions": self.decisions,
+            "dropped_samples": self.dropped_samples,
         }
 
     def load_state_dict(self, state: dict[str, Any], layers: Layers) -> None:
@@ -500,6 +512,13 @@ class ADAPT(STU):
         self.ratio = None if state["ratio"] is None else float(state["ratio"])
         self.decision = str(state["decision"])
         self.decisions = int(state["decisions"])
+        self.dropped_samples = int(state.get("dropped_samples", 0))
+        a = self.adapt
+        if not a.minimum - 1e-9 <= self.d_density <= a.highest + 1e-9:
+            raise ConfigError(
+                f"the checkpoint's D density {self.d_density} lies outside this run's ADAPT range [{a.minimum}, "
+                f"{a.highest}] (sparse.adapt.minimum, cap or variant changed?)"
+            )
         active = sum(layer.count for layer in layers["D"])
         total = sum(layer.numel for layer in layers["D"])
         # Once a global change has set D's density, D holds exactly its share (before, the distribution's counts).
