@@ -99,7 +99,8 @@ def test_a_bad_grid_fails_in_one_line_before_any_cell_runs(tmp_path: Path, capsy
     assert main(["study", "--grid", str(grid_path)]) == 2
     assert "methods.stu must give sparse settings with a 'method' key" in capsys.readouterr().err
     assert main(["study", "--grid", str(tmp_path / "missing.yaml")]) == 2
-    assert "shipped grids: gaussians_adapt.yaml, gaussians_recipe.yaml, study.yaml" in capsys.readouterr().err
+    shipped = "gaussians_adapt.yaml, gaussians_adapt_constant.yaml, gaussians_recipe.yaml, study.yaml"
+    assert f"shipped grids: {shipped}" in capsys.readouterr().err
 
 
 def test_the_shipped_grid_has_the_issues_cells_and_shards_split_it() -> None:

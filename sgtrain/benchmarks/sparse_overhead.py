@@ -467,8 +467,11 @@ def bench_imagenet_iteration(settings: Settings, global_batch_update: float) -> 
 # balance-ratio sampling alone. The settings' batch and D steps replace the config's (5 D steps: at 1, the default,
 # the sampling's share of an iteration is the largest it can be).
 QUIET_INTERVAL = 10**6
-BALANCE_OVERRIDES = {
+BALANCE_OVERRIDES = {  # (the relax recipe's method and densities again, for the digits config of --tiny)
     "sparse.method": "adapt",
+    "sparse.adapt.variant": "relax",
+    "sparse.density_g": 0.1,
+    "sparse.density_d": 0.1,
     "sparse.update_every": QUIET_INTERVAL,
     "sparse.adapt.update_every": QUIET_INTERVAL,
 }
