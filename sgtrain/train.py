@@ -210,7 +210,7 @@ def training_loop(
 
         # Maintenance.
         if step % t.log_every == 0 or step == t.steps:
-            record = interval.record(cfg, dist, progress, batches, guard.events)
+            record = interval.record(cfg, dist, progress, batches, guard.events, masks.status())
             if tracker is not None:
                 tracker.log(record)
                 # (NaN shown when every update of a network in the interval was skipped: it has no loss then)
@@ -452,7 +452,6 @@ class Interval:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     applied: dict[str, int] = field(default_factory=lambda: {"D": 0, "G": 0})  # optimizer steps per network
     topology: dict[str, float] = field(default_factory=dict)
-    status: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
 
@@ -469,12 +468,18 @@ class Interval:
             self.topology.update(result.topology)
             for net in ("G", "D"):
                 self.topology.update({f"sparse/{net}/{name}": d for name, d in masks.layer_densities(net).items()})
-        self.status = masks.status()  # the networks' densities (and ADAPT's balance ratio) as the interval ends
 
     def record(
-        self, cfg: Config, dist: Dist, progress: Progress, batches: BatchSource, nonfinite_events: int
+        self,
+        cfg: Config,
+        dist: Dist,
+        progress: Progress,
+        batches: BatchSource,
+        nonfinite_events: int,
+        status: dict[str, float],
     ) -> dict[str, Any]:
-        """The interval's metrics.jsonl record (every rank calls it: the losses are averaged over ranks)."""
+        """The interval's metrics.jsonl record (every rank calls it: the losses are averaged over ranks); ``status``:
+        the mask manager's figures as the interval ends (densities, ADAPT's balance ratio)."""
         elapsed = time.perf_counter() - self.start
         flops = progress.flops
         record: dict[str, Any] = {
@@ -491,7 +496,7 @@ class Interval:
         record["images_per_s"] = self.steps * cfg.train.d_steps * cfg.train.batch_size / max(elapsed, 1e-9)
         if batches.bad is not None:  # corrupt samples skipped so far, all ranks
             record["data/bad_samples"] = int(dist.all_reduce(torch.tensor([batches.bad]), "sum"))
-        record.update(self.status)
+        record.update(status)
         record.update(self.topology)  # the latest topology update's figures, once
         if not all(math.isfinite(v) for v in record.values()):  # a safety net: steps check their own values
             raise NonFiniteError(

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from multiprocess import assert_all_succeeded, run_ranks
+from test_distributed import TINY
 
 from sgtrain import checkpoint
 from sgtrain.comm import LocalComm
@@ -32,16 +33,6 @@ from sgtrain.sparse.topology import drop_fraction_k, mask_checksum
 from sgtrain.step import GanStep, StepResult
 from sgtrain.train import Hooks, train, training_loop
 
-TINY = {
-    "model.g_ch": 4,
-    "model.d_ch": 4,
-    "model.dim_z": 20,
-    "model.shared_dim": 8,
-    "train.batch_size": 8,
-    "train.log_every": 1,
-    "train.sample_every": 1000,
-    "train.checkpoint_every": 1000,
-}
 ADAPT_TINY = {
     "sparse.method": "adapt",
     "sparse.density_g": 0.2,

@@ -467,10 +467,8 @@ class ADAPT(STU):
 
     def _layer_counts(self, layers: list[Layer], density: float) -> dict[str, int]:
         """Each layer's active count under the configured distribution at overall ``density``."""
-        shapes = {layer.name: tuple(layer.param.shape) for layer in layers}
         dense = {layers[0].name, layers[-1].name} if self.cfg.dense_first_last and layers else set()
-        densities = layer_densities(shapes, density, kind=self.cfg.distribution, power=self.cfg.erk_power, dense=dense)
-        return active_counts(shapes, densities)
+        return distribution_counts(self.cfg, layers, density, dense)
 
     def metrics(self, step: int) -> dict[str, float]:
         figures = super().metrics(step) if self.schedule.is_update_step(step) else {}
@@ -577,10 +575,7 @@ class GMP(SparseMethod):
     def update(self, net: str, layers: list[Layer], step: int, sharding: Sharding) -> list[tuple[Layer, torch.Tensor]]:
         start, end = self._span()
         density = gmp_density(step, initial_density=1.0, final_density=self.target[net], start_step=start, end_step=end)
-        shapes = {layer.name: tuple(layer.param.shape) for layer in layers}
-        dense = {layer.name for layer in layers if layer.density >= 1.0}
-        densities = layer_densities(shapes, density, kind=self.cfg.distribution, power=self.cfg.erk_power, dense=dense)
-        counts = active_counts(shapes, densities)
+        counts = distribution_counts(self.cfg, layers, density, {layer.name for layer in layers if layer.density >= 1})
 
         def select(layer: Layer) -> torch.Tensor:
             return _top_magnitude(layer.param, layer.mask, min(counts[layer.name], layer.count))  # only removes
@@ -616,6 +611,14 @@ METHODS: dict[str, type[SparseMethod]] = {
     "prune_finetune": PruneFinetune,
     "adapt": ADAPT,
 }
+
+
+def distribution_counts(cfg: SparseConfig, layers: list[Layer], density: float, dense: set[str]) -> dict[str, int]:
+    """Each of ``layers``' active count under ``cfg``'s layer-wise distribution at overall ``density``, the layers
+    named in ``dense`` kept dense."""
+    shapes = {layer.name: tuple(layer.param.shape) for layer in layers}
+    densities = layer_densities(shapes, density, kind=cfg.distribution, power=cfg.erk_power, dense=dense)
+    return active_counts(shapes, densities)
 
 
 def _keep_global_top(layers: list[Layer], scores: list[torch.Tensor], density: float) -> None:
