@@ -61,6 +61,9 @@ class ModelConfig:
     init: str = "ortho"  # weight init: ortho | N02 | xavier
     bn_eps: float = 1e-5
     sn_eps: float = 1e-8
+    # G draws one grey channel, repeated over R, G and B, for greyscale data (the bundled digits): real grey images
+    # have R = G = B, so an RGB G spends its first steps learning to remove colour that D uses to tell fakes apart.
+    grey: bool = False
 
     def __post_init__(self) -> None:
         _check(self.resolution in (32, 64, 128), f"model.resolution must be 32, 64 or 128, got {self.resolution}")

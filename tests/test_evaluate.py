@@ -178,3 +178,22 @@ def test_evaluate_with_pytorch_fids_state_dict_reports_the_same_fid_and_an_incep
     theirs = evaluate_run(runs["trained"], **common)
     assert ours["fid"] == pytest.approx(theirs["fid"], rel=1e-3)
     assert "is" not in theirs and ours["is"] >= 1.0
+
+
+def test_reference_of_a_bundled_dataset_is_a_seeded_uniform_subset() -> None:
+    """Not the file's first images: a prefix of an ordered file (mnist5k is sorted by class) is not the training
+    distribution. The same subset every time, every class in about its share."""
+    from sgtrain.metrics.evaluate import real_images, reference_indices
+
+    data = load_builtin("digits", 32)
+    chosen = reference_indices(len(data), 1000)
+    assert torch.equal(chosen, reference_indices(len(data), 1000)) and len(set(chosen.tolist())) == 1000
+    assert not torch.equal(chosen, torch.arange(1000))
+    counts = torch.bincount(data.labels[chosen], minlength=10)
+    assert counts.min() >= 80 and counts.max() <= 120, counts  # about 100 of each class
+    cfg = load_config(None, {"data.shards": None})
+    assert torch.equal(real_images(cfg, 1000), data.images[chosen])
+    # A class-sorted file of 5 classes x 100: its first 100 would be one class, the reference holds all five.
+    sorted_labels = torch.arange(5).repeat_interleave(100)
+    assert torch.bincount(sorted_labels[reference_indices(500, 100)], minlength=5).min() >= 10
+    assert torch.equal(reference_indices(10, 50), reference_indices(10, 10))  # more than there are: all of them

@@ -97,6 +97,18 @@ def test_discriminator_output_depends_on_class():
     assert (out0 - out1).abs().min() > 1e-4
 
 
+def test_grey_generator_draws_one_channel_repeated_over_rgb():
+    torch.manual_seed(0)
+    rgb, grey = tiny_g(), tiny_g(grey=True)
+    assert grey.output_conv.weight.shape[0] == 1 and rgb.output_conv.weight.shape[0] == 3
+    assert count_parameters(rgb) - count_parameters(grey) == 2 * (8 * 4 * 3 * 3 + 1)  # two output channels fewer
+    x = grey(torch.randn(4, 60), torch.arange(4))
+    assert x.shape == (4, 3, 32, 32) and x.std() > 0
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
+    x.sum().backward()  # the repeated channel's gradient reaches the one-channel convolution
+    assert grey.output_conv.weight.grad.abs().sum() > 0
+
+
 def test_hier_splits_z_into_one_chunk_per_block_plus_one():
     g = tiny_g(128)  # 5 blocks -> 6 chunks of 10
     assert g.z_chunk == 10 and g.linear.in_features == 10

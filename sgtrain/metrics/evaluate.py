@@ -76,7 +76,8 @@ def _dataset_identity(cfg: Config) -> str:
     """What the real images are: a bundled dataset at a resolution, or the sha256 of the shards' manifest."""
     dataset = bundled_dataset(cfg)
     if dataset is not None:
-        return f"{dataset}-{cfg.model.resolution}px"
+        # "random": a seeded subset (reference_indices); references of the earlier first-N prefix are not reused.
+        return f"{dataset}-{cfg.model.resolution}px-random"
     from sgtrain.data.stream import resolve_shards
 
     shards = resolve_shards(cfg.data.shards)  # type: ignore[arg-type] (not bundled: shards are set)
@@ -86,12 +87,22 @@ def _dataset_identity(cfg: Config) -> str:
     return "urls-" + hashlib.sha256("\n".join(shards.urls).encode()).hexdigest()[:16]
 
 
+def reference_indices(num_images: int, num_samples: int) -> torch.Tensor:
+    """Which images of a bundled dataset are the reference: ``num_samples`` of a permutation seeded with 0.
+
+    Not the first ``num_samples``: the bundled files are ordered (mnist5k by class, so its first 1,000 images are
+    only 0s and 1s; digits by writer), and a prefix is then not a sample of the distribution G is trained on."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(0))
+    return order[:num_samples]
+
+
 def real_images(cfg: Config, num_samples: int) -> torch.Tensor:
-    """The first ``num_samples`` real training images, in dataset order (not shuffled: a fixed reference)."""
+    """``num_samples`` real training images, the same ones every time: of a bundled dataset a seeded uniform subset
+    (:func:`reference_indices`), of shards the first ones in shard order."""
     dataset = bundled_dataset(cfg)
     if dataset is not None:
         images = load_builtin(dataset, cfg.model.resolution).images
-        return images[:num_samples]
+        return images[reference_indices(len(images), num_samples)]
     import numpy as np
     from PIL import Image
 

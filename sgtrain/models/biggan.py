@@ -170,6 +170,8 @@ class Generator(nn.Module):
     ``hier``: z is split into ``len(blocks) + 1`` equal chunks, the first feeding the input linear layer and
     one going to each block's ccbns (concatenated with the shared embedding); requires ``shared_dim > 0`` and
     ``dim_z`` divisible by the number of chunks.
+    ``grey``: the output convolution draws one channel, repeated over R, G and B (greyscale data such as digits:
+    D cannot then tell fakes by colour, which real grey images never have).
     """
 
     def __init__(
@@ -185,6 +187,7 @@ class Generator(nn.Module):
         init: str,
         bn_eps: float = 1e-5,
         sn_eps: float = 1e-8,
+        grey: bool = False,
     ) -> None:
         super().__init__()
         _check_resolution(resolution)
@@ -196,7 +199,7 @@ class Generator(nn.Module):
         attn_blocks = _attention_blocks(attn_res, block_res, "G")
 
         self.resolution, self.n_classes, self.dim_z = resolution, n_classes, dim_z
-        self.shared_dim, self.hier = shared_dim, hier
+        self.shared_dim, self.hier, self.grey = shared_dim, hier, grey
         if hier:
             if shared_dim == 0:
                 raise ValueError("hier=True needs a shared class embedding (shared_dim > 0)")
@@ -221,7 +224,7 @@ class Generator(nn.Module):
         attention = {str(i): SelfAttention(out_ch[i], sn_eps=sn_eps) for i in sorted(attn_blocks)}
         self.attention = nn.ModuleDict(attention)
         self.output_bn = CrossReplicaBatchNorm2d(out_ch[-1], eps=bn_eps, momentum=0.1)
-        self.output_conv = SNConv2d(out_ch[-1], 3, 3, padding=1, eps=sn_eps)
+        self.output_conv = SNConv2d(out_ch[-1], 1 if grey else 3, 3, padding=1, eps=sn_eps)
         init_weights(self, init)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -239,7 +242,9 @@ class Generator(nn.Module):
             h = block(h, conds[i])
             if str(i) in self.attention:
                 h = self.attention[str(i)](h)
-        return torch.tanh(self.output_conv(F.relu(self.output_bn(h))))
+        out = torch.tanh(self.output_conv(F.relu(self.output_bn(h))))
+        # Grey data: one channel drawn, repeated, so D, the metrics and the files see RGB images as before.
+        return out.expand(-1, 3, -1, -1) if self.grey else out
 
 
 class Discriminator(nn.Module):

@@ -61,6 +61,7 @@ def build_models(model: ModelConfig, seed: int, *, weights_follow: bool = False)
         init=model.init,
         bn_eps=model.bn_eps,
         sn_eps=model.sn_eps,
+        grey=model.grey,
     )
     discriminator = Discriminator(
         resolution=model.resolution,
