@@ -26,6 +26,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MIXED_PRECISION = ("no", "bf16")
 NONFINITE_POLICIES = ("skip", "rollback")
+AUGMENT_POLICIES = ("translation", "cutout")  # train.augment: DiffAugment's policies (sgtrain/augment.py)
 SPARSE_METHODS = ("dense", "static", "stu", "snip", "gmp", "prune_finetune", "adapt")
 ADAPT_VARIANTS = ("relax", "strict")
 SELECTIONS = ("global", "layer")
@@ -124,6 +125,9 @@ class TrainConfig:
     # The EMA's buffers (batch-norm running statistics, spectral-norm vectors): average them with the same decay as
     # the weights (BigGAN-PyTorch and the STU-GAN authors, whose `utils.ema` walks the whole state dict) | copy G's.
     ema_buffers: str = "average"
+    # DiffAugment (Zhao et al. 2020) on every image D sees, real and fake, in D's and G's steps: translation | cutout,
+    # in this order. Off ([]) as in the authors' recipe; for small datasets, whose D otherwise memorises them.
+    augment: list[str] = field(default_factory=list)
     mixed_precision: str = "no"  # no | bf16 (autocast; losses and SN power iteration kept in fp32)
     # G's batch norm over the global batch, as BigGAN's cross-replica BN: a run then matches a one-process run of the
     # same global batch. Off: per-rank statistics (no collective inside the forward pass).
@@ -193,6 +197,9 @@ class TrainConfig:
             self.ema_buffers in ("average", "copy"),
             f"train.ema_buffers must be average or copy, got {self.ema_buffers!r}",
         )
+        bad = [p for p in self.augment if p not in AUGMENT_POLICIES]
+        _check(not bad, f"train.augment: unknown {bad}; choose from {', '.join(AUGMENT_POLICIES)}")
+        _check(len(set(self.augment)) == len(self.augment), f"train.augment lists a policy twice: {self.augment}")
         _check(
             self.mixed_precision in MIXED_PRECISION,
             f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",

@@ -83,6 +83,10 @@ class StepResult:
     topology: dict[str, float] = field(default_factory=dict)  # the topology update's figures (empty: none was due)
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _call(net: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return net(x) if y is None else net(x, y)
 
@@ -115,12 +119,21 @@ class GanStep:
     balance_every: int | None = None
     on_balance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     _last_real: Batch | None = field(default=None, init=False, repr=False)
+    _augment: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity, init=False, repr=False)
 
-    def __call__(self, step: int, real: Callable[[], Batch], latents: Callable[[], Batch]) -> StepResult:
-        """Train iteration ``step`` (0-based): afterwards G has taken step ``step + 1``."""
+    def __call__(
+        self,
+        step: int,
+        real: Callable[[], Batch],
+        latents: Callable[[], Batch],
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> StepResult:
+        """Train iteration ``step`` (0-based): afterwards G has taken step ``step + 1``. ``augment`` transforms every
+        image batch D sees (real and fake, in both steps; DiffAugment), called in a fixed order like the others."""
         result = StepResult()
         every = self.masks.balance_every if self.balance_every is None else self.balance_every
         sample = every > 0 and (step + 1) % every == 0
+        self._augment = augment or _identity
         self.discriminator_updates(real, latents, result)
         self.generator_update(latents, result, balance=sample)
         # Update EMA (sparse: masked with G's mask).
@@ -152,7 +165,8 @@ class GanStep:
                 both = None if y_real is None else torch.cat([y_real, y_fake])
                 with D.accumulating(last=rnd == self.accumulation - 1):
                     with self.autocast():
-                        logits = _call(D, torch.cat([x, fake.to(x.dtype)]), both)
+                        seen = torch.cat([self._augment(x), self._augment(fake.to(x.dtype))])
+                        logits = _call(D, seen, both)
                         loss_real, loss_fake = self.losses.discriminator(logits[: len(x)], logits[len(x) :])
                     D.backward((loss_real + loss_fake) / self.accumulation)  # (a DeepSpeed step: not under autocast)
                 losses.append(torch.stack([loss_real.detach(), loss_fake.detach()]) / self.accumulation)
@@ -173,7 +187,7 @@ class GanStep:
             z, y = latents()
             with G.accumulating(last=rnd == self.accumulation - 1):
                 with self.autocast():
-                    logits = _call(D, _call(G, z, y), y)
+                    logits = _call(D, self._augment(_call(G, z, y)), y)
                     loss = self.losses.generator(logits)
                 G.backward(loss / self.accumulation)
             losses.append(loss.detach() / self.accumulation)
@@ -191,7 +205,7 @@ class GanStep:
             with torch.no_grad(), self.autocast():
                 fake = _call(G.module, z, y)
                 both = None if y_real is None else torch.cat([y_real, y])
-                scores = _call(D, torch.cat([x, fake.to(x.dtype)]), both)
+                scores = _call(D, torch.cat([self._augment(x), self._augment(fake.to(x.dtype))]), both)
             observe = self.masks.observe_balance if self.on_balance is None else self.on_balance
             observe(scores[: len(x)], logits.detach(), scores[len(x) :])
 

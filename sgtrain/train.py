@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sgtrain import checkpoint
+from sgtrain.augment import StepAugment, augment_generator
 from sgtrain.config import Config, ConfigError, config_to_yaml
 from sgtrain.data.source import BatchSource, check_data, open_batches
 from sgtrain.dist import Dist, Network
@@ -201,7 +202,11 @@ def training_loop(
                 layer_flops["G"]["layers"], layer_flops["D"]["layers"], g_densities, d_densities, micro_global
             )
         latents = StepLatents(cfg, progress.step, global_batch=micro_global, mine=mine, device=dist.device)
-        result = gan(progress.step, lambda: batches.next(dist.device), latents)
+        augment = None
+        if t.augment:
+            rng = augment_generator(cfg.seed, progress.step)
+            augment = StepAugment(t.augment, rng, global_batch=micro_global, mine=mine)
+        result = gan(progress.step, lambda: batches.next(dist.device), latents, augment)
         progress.step += 1
         step = progress.step
         interval.add(result, masks)

@@ -114,7 +114,9 @@ def _train_one_process(cfg_dict: dict[str, Any]) -> None:
 # Equivalence: 2 ranks with global batch B == 1 process with batch B.
 
 
-@pytest.mark.parametrize(("method", "accumulation"), [("dense", 1), ("stu", 1), ("stu", 2), ("stu_masked", 1)])
+@pytest.mark.parametrize(
+    ("method", "accumulation"), [("dense", 1), ("stu", 1), ("stu", 2), ("stu_masked", 1), ("stu_augment", 2)]
+)
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, method: str, accumulation: int) -> None:
     """Global batch 8 as 2 ranks x 4 (DDP, cross-replica BN, latents sliced from the global draw) against 1 x 8.
 
@@ -125,6 +127,8 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, 
     sparse = {**STU, "sparse.update_every": 2} if method.startswith("stu") else {}
     if method == "stu_masked":  # stu is the authors' dense optimizer state; this is the masked one
         sparse["sparse.optimizer_state"] = "masked"
+    if method == "stu_augment":  # DiffAugment: each rank transforms its slice of one global draw
+        sparse["train.augment"] = ["translation", "cutout"]
     settings = {"train.steps": 6, "train.d_steps": 2, "train.ema_start": 0, "train.ema_decay": 0.9, **sparse}
     settings["train.adam_eps"] = 1e-4
     settings["train.accumulation"] = accumulation
