@@ -953,7 +953,7 @@ def test_tiny_stu_run_killed_and_resumed_equals_uninterrupted(
 def test_default_config_sparse_run_resumed_halfway_ends_with_the_same_masks_and_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, assert_trees_equal
 ) -> None:
-    # The acceptance point: the default config (g_ch 8) at G 20% / D 30%, resumed halfway.
+    # The acceptance point: the default config at G 20% / D 30%, resumed halfway.
     def make(run_dir: Path) -> Config:
         return load_config(
             None,
