@@ -17,37 +17,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sgtrain.config import AUGMENT_POLICIES as POLICIES
-
-
-def augment_generator(seed: int, step: int) -> torch.Generator:
-    """The augmentation RNG of G step ``step``: a stream of its own (2**62 above the latents' seeds), so turning
-    augmentation on leaves the latents and the data order of a run as they were."""
-    return torch.Generator().manual_seed(seed * 1_000_000_007 + step + 2**62)
-
 
 class StepAugment:
-    """The augmentation of one iteration: each call draws the next global batch's parameters from ``rng`` and
-    transforms this rank's slice ``mine`` of it. ``x``: ``[B_local, C, H, W]`` -> the same shape."""
+    """The augmentation of one iteration: each call draws the next global batch's parameters from ``rng`` (the
+    step's ``step_generator(seed, step, stream=1)``) and transforms this rank's slice ``mine`` of it.
+    ``x``: ``[B_local, C, H, W]`` -> the same shape. ``policies`` are checked by the config (train.augment)."""
 
     def __init__(self, policies: list[str], rng: torch.Generator, *, global_batch: int, mine: slice) -> None:
-        unknown = sorted(set(policies) - set(POLICIES))
-        if unknown:
-            raise ValueError(f"unknown augmentation {unknown}; choose from {', '.join(POLICIES)}")
-        self.policies, self.rng, self.global_batch, self.mine = list(policies), rng, global_batch, mine
+        self.rng, self.global_batch, self.mine = rng, global_batch, mine
+        transforms = {"translation": self._translate, "cutout": self._cutout}
+        self.transforms = [transforms[policy] for policy in policies]
 
     def _draw(self, low: int, high: int) -> torch.Tensor:
         """``[B_local]`` ints in [low, high], drawn for the whole global batch (the same stream on every rank)."""
         return torch.randint(low, high + 1, (self.global_batch,), generator=self.rng)[self.mine]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        for policy in self.policies:
-            x = translate(x, self._shift(x), self._shift(x)) if policy == "translation" else self._cutout(x)
+        for transform in self.transforms:
+            x = transform(x)
         return x
 
-    def _shift(self, x: torch.Tensor) -> torch.Tensor:
+    def _translate(self, x: torch.Tensor) -> torch.Tensor:
         reach = max(1, x.shape[-1] // 8)
-        return self._draw(-reach, reach).to(x.device)
+        dy, dx = self._draw(-reach, reach).to(x.device), self._draw(-reach, reach).to(x.device)
+        return translate(x, dy, dx)
 
     def _cutout(self, x: torch.Tensor) -> torch.Tensor:
         side = x.shape[-1] // 2

@@ -38,14 +38,16 @@ def build_training(
     return G, D, opt_g, opt_d, masks
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """The RNG for the latents of G step ``step``: a pure function of the two, so resumes are exact.
 
     It draws the latents of the global batch and each rank takes its own slice: rank r's latents are a pure function
     of (seed, rank, step) that does not depend on the number of ranks, so a run on N processes matches a run on one
     process with the same global batch (and can resume on a different number of processes).
+    ``stream`` 1 is the augmentation's (``train.augment``), 2**62 seeds apart: turning augmentation on leaves the
+    latents and the data order of a run as they were.
     """
-    return torch.Generator().manual_seed(seed * 1_000_000_007 + step)
+    return torch.Generator().manual_seed(seed * 1_000_000_007 + step + stream * 2**62)
 
 
 class StepLatents:

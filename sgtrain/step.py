@@ -119,7 +119,6 @@ class GanStep:
     balance_every: int | None = None
     on_balance: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     _last_real: Batch | None = field(default=None, init=False, repr=False)
-    _augment: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity, init=False, repr=False)
 
     def __call__(
         self,
@@ -133,9 +132,9 @@ class GanStep:
         result = StepResult()
         every = self.masks.balance_every if self.balance_every is None else self.balance_every
         sample = every > 0 and (step + 1) % every == 0
-        self._augment = augment or _identity
-        self.discriminator_updates(real, latents, result)
-        self.generator_update(latents, result, balance=sample)
+        augment = augment or _identity
+        self.discriminator_updates(real, latents, result, augment)
+        self.generator_update(latents, result, balance=sample, augment=augment)
         # Update EMA (sparse: masked with G's mask).
         if self.ema is not None:
             self.ema.update(self.G.module, step + 1)
@@ -148,7 +147,11 @@ class GanStep:
         return result
 
     def discriminator_updates(
-        self, real: Callable[[], Batch], latents: Callable[[], Batch], result: StepResult
+        self,
+        real: Callable[[], Batch],
+        latents: Callable[[], Batch],
+        result: StepResult,
+        augment: Callable[[torch.Tensor], torch.Tensor] = _identity,
     ) -> None:
         G, D = self.G.module, self.D
         G.train()
@@ -165,7 +168,7 @@ class GanStep:
                 both = None if y_real is None else torch.cat([y_real, y_fake])
                 with D.accumulating(last=rnd == self.accumulation - 1):
                     with self.autocast():
-                        seen = torch.cat([self._augment(x), self._augment(fake.to(x.dtype))])
+                        seen = torch.cat([augment(x), augment(fake.to(x.dtype))])
                         logits = _call(D, seen, both)
                         loss_real, loss_fake = self.losses.discriminator(logits[: len(x)], logits[len(x) :])
                     D.backward((loss_real + loss_fake) / self.accumulation)  # (a DeepSpeed step: not under autocast)
@@ -176,7 +179,14 @@ class GanStep:
             result.d_losses.append(torch.stack(losses).sum(0))
             self._update("D", D)
 
-    def generator_update(self, latents: Callable[[], Batch], result: StepResult, *, balance: bool = False) -> None:
+    def generator_update(
+        self,
+        latents: Callable[[], Batch],
+        result: StepResult,
+        *,
+        balance: bool = False,
+        augment: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    ) -> None:
         # D's parameters are frozen and D is called unwrapped, so this backward neither produces D gradients nor
         # makes DDP (or a DeepSpeed engine) reduce them.
         G, D = self.G, self.D.module
@@ -187,7 +197,7 @@ class GanStep:
             z, y = latents()
             with G.accumulating(last=rnd == self.accumulation - 1):
                 with self.autocast():
-                    logits = _call(D, self._augment(_call(G, z, y)), y)
+                    logits = _call(D, augment(_call(G, z, y)), y)
                     loss = self.losses.generator(logits)
                 G.backward(loss / self.accumulation)
             losses.append(loss.detach() / self.accumulation)
@@ -205,7 +215,7 @@ class GanStep:
             with torch.no_grad(), self.autocast():
                 fake = _call(G.module, z, y)
                 both = None if y_real is None else torch.cat([y_real, y])
-                scores = _call(D, torch.cat([self._augment(x), self._augment(fake.to(x.dtype))]), both)
+                scores = _call(D, torch.cat([augment(x), augment(fake.to(x.dtype))]), both)
             observe = self.masks.observe_balance if self.on_balance is None else self.on_balance
             observe(scores[: len(x)], logits.detach(), scores[len(x) :])
 

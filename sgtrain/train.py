@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sgtrain import checkpoint
-from sgtrain.augment import StepAugment, augment_generator
+from sgtrain.augment import StepAugment
 from sgtrain.config import Config, ConfigError, config_to_yaml
 from sgtrain.data.source import BatchSource, check_data, open_batches
 from sgtrain.dist import Dist, Network
@@ -34,7 +34,7 @@ from sgtrain.flops import balance_flops, dense_weight_gradients, flops_report, l
 from sgtrain.images import save_grid
 from sgtrain.losses import HINGE, GanLoss
 from sgtrain.models.layers import CrossReplicaBatchNorm2d
-from sgtrain.parts import SAMPLES_PER_CLASS, StepLatents, build_training, nonfinite_flag, sample_noise
+from sgtrain.parts import SAMPLES_PER_CLASS, StepLatents, build_training, nonfinite_flag, sample_noise, step_generator
 from sgtrain.run_state import CheckpointIO, ConfigGuard, OptimizerState, Progress, RngState
 from sgtrain.sparse import MaskManager
 from sgtrain.step import GanStep, StepResult
@@ -204,7 +204,7 @@ def training_loop(
         latents = StepLatents(cfg, progress.step, global_batch=micro_global, mine=mine, device=dist.device)
         augment = None
         if t.augment:
-            rng = augment_generator(cfg.seed, progress.step)
+            rng = step_generator(cfg.seed, progress.step, stream=1)
             augment = StepAugment(t.augment, rng, global_batch=micro_global, mine=mine)
         result = gan(progress.step, lambda: batches.next(dist.device), latents, augment)
         progress.step += 1

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sgtrain import checkpoint
-from sgtrain.augment import StepAugment, augment_generator, cutout, translate
+from sgtrain.augment import StepAugment, cutout, translate
 from sgtrain.config import ConfigError
+from sgtrain.parts import step_generator
 from sgtrain.train import train
 
 BOTH = ["translation", "cutout"]
@@ -36,7 +37,7 @@ def test_cutout_zeroes_one_square_per_image() -> None:
 
 def test_gradients_flow_through_the_augmentation_to_the_kept_pixels() -> None:
     x = torch.randn(4, 3, 16, 16, requires_grad=True)
-    aug = StepAugment(BOTH, augment_generator(0, 5), global_batch=4, mine=slice(0, 4))
+    aug = StepAugment(BOTH, step_generator(0, 5, stream=1), global_batch=4, mine=slice(0, 4))
     aug(x).sum().backward()
     kept = x.grad.ne(0).reshape(4, -1).float().mean(1)  # every pixel's gradient is 1 (kept) or 0 (cut or shifted out)
     assert set(x.grad.unique().tolist()) <= {0.0, 1.0} and (kept > 0.4).all() and (kept < 1).all()
@@ -45,12 +46,16 @@ def test_gradients_flow_through_the_augmentation_to_the_kept_pixels() -> None:
 def test_ranks_slice_one_global_draw() -> None:
     """Two ranks' augmentations of their halves equal one process's augmentation of the whole batch, call by call."""
     x = torch.randn(8, 3, 32, 32)
-    one = StepAugment(BOTH, augment_generator(3, 7), global_batch=8, mine=slice(0, 8))
-    halves = [StepAugment(BOTH, augment_generator(3, 7), global_batch=8, mine=slice(r * 4, r * 4 + 4)) for r in (0, 1)]
+    one = StepAugment(BOTH, step_generator(3, 7, stream=1), global_batch=8, mine=slice(0, 8))
+    halves = [
+        StepAugment(BOTH, step_generator(3, 7, stream=1), global_batch=8, mine=slice(r * 4, r * 4 + 4)) for r in (0, 1)
+    ]
     for _ in range(3):  # the stream advances alike on every rank
         whole = one(x)
         assert torch.equal(torch.cat([h(x[r * 4 : r * 4 + 4]) for r, h in enumerate(halves)]), whole)
-    assert not torch.equal(one(x), StepAugment(BOTH, augment_generator(3, 8), global_batch=8, mine=slice(0, 8))(x))
+    assert not torch.equal(
+        one(x), StepAugment(BOTH, step_generator(3, 8, stream=1), global_batch=8, mine=slice(0, 8))(x)
+    )
 
 
 def test_unknown_or_repeated_policies_are_config_errors(tiny_config) -> None:
