@@ -24,11 +24,11 @@ def _by_method(grid: Grid, rows: Rows, bench: str, kind: str) -> Settings:
     return {(k[2], k[3]): (k[1], v) for k, v in rows.items() if k[0] == bench and k[1] in names}
 
 
-def _tally(stu: Settings, other: Settings, name: str) -> tuple[str, str]:
-    """(verdict, evidence) of STU-GAN's FD against another method's over the settings both have."""
+def _tally(stu: Settings, other: Settings, name: str, own: str = "STU-GAN") -> tuple[str, str]:
+    """(verdict, evidence) of ``own``'s (STU-GAN's) FD against another method's over the settings both have."""
     shared = sorted(set(stu) & set(other))
     if not shared:
-        return "not tested", f"the grid has no {name} cells at STU-GAN's densities"
+        return "not tested", f"the grid has no {name} cells at {own}'s densities"
     outcomes = [compare(stu[k][1]["fid"], other[k][1]["fid"], lower_is_better=True) for k in shared]
     better = sum(o.gain > 0 for o in outcomes)
     clear = sum(o.verdict == "better" for o in outcomes)
@@ -37,8 +37,8 @@ def _tally(stu: Settings, other: Settings, name: str) -> tuple[str, str]:
         f"G {g:g}/D {d:g}: {stu[(g, d)][1]['fid'].mean:.0f} vs {other[(g, d)][1]['fid'].mean:.0f}" for g, d in shared
     )
     evidence = (
-        f"STU-GAN's mean FD is lower than {name}'s in {better} of {len(shared)} settings ({clear} by more than "
-        f"two standard errors; {worse} worse by more than two). FD, STU-GAN vs {name}: {detail}."
+        f"{own}'s mean FD is lower than {name}'s in {better} of {len(shared)} settings ({clear} by more than "
+        f"two standard errors; {worse} worse by more than two). FD, {own} vs {name}: {detail}."
     )
     if better * 2 > len(shared) and worse == 0:
         # Better on average, but where no single setting clears the noise the evidence is weak: say so.
@@ -50,8 +50,8 @@ def _tally(stu: Settings, other: Settings, name: str) -> tuple[str, str]:
 
 def sparse_matches_dense(grid: Grid, rows: Rows) -> Verdict | None:
     """A sparse G with a sparse D, trained sparse from scratch, matches or beats dense training."""
-    stu = _by_method(grid, rows, "digits", "stu")
-    dense = next(iter(_by_method(grid, rows, "digits", "dense").values()), None)
+    stu = _by_method(grid, rows, grid.image_bench, "stu")
+    dense = next(iter(_by_method(grid, rows, grid.image_bench, "dense").values()), None)
     if dense is None or not stu:
         return None
     d_stats = dense[1]["fid"]
@@ -68,12 +68,26 @@ def sparse_matches_dense(grid: Grid, rows: Rows) -> Verdict | None:
         ),
         "no spread": "inconclusive (one seed)",
     }.get(outcome.verdict, "did not hold")
+    # The margin a reader can rely on: the difference of the means with two standard errors either side.
+    margin = (
+        f" The difference of means (dense minus STU-GAN) is {outcome.gain:+.0f} ± {2 * outcome.se:.0f} (two "
+        f"standard errors, {outcome.seeds} seeds each at least): STU-GAN's FD lies within "
+        f"[{outcome.gain - 2 * outcome.se:+.0f}, {outcome.gain + 2 * outcome.se:+.0f}] of dense's, negative worse."
+        if outcome.seeds > 1
+        else ""
+    )
+    recall = (
+        f" Recall {stu[target][1]['recall'].text(2)} vs {dense[1]['recall'].text(2)}, precision "
+        f"{stu[target][1]['precision'].text(2)} vs {dense[1]['precision'].text(2)}."
+        if "recall" in stu[target][1] and "recall" in dense[1]
+        else ""
+    )
     return (
         f"A sparse G (density {target[0]:g}) with a sparse D (density {target[1]:g}), trained sparse "
         "from scratch, matches or beats dense BigGAN (the paper: 80%-sparse G, 70%-sparse D).",
         verdict,
         f"FD {stu[target][1]['fid'].text()} (STU-GAN, G {target[0]:g}/D {target[1]:g}) vs "
-        f"{d_stats.text()} (dense); STU-GAN's best setting, G {best[0]:g}/D {best[1]:g}, reaches "
+        f"{d_stats.text()} (dense).{margin}{recall} STU-GAN's best setting, G {best[0]:g}/D {best[1]:g}, reaches "
         f"{stu[best][1]['fid'].text()}. Sparse training costs "
         f"{stu[target][1]['train_flops_vs_dense'].mean:.2f} of dense training's FLOPs there.",
     )
@@ -81,8 +95,8 @@ def sparse_matches_dense(grid: Grid, rows: Rows) -> Verdict | None:
 
 def exploration_beats_static(grid: Grid, rows: Rows) -> Verdict | None:
     """STU-GAN's dynamic exploration of G beats static sparse training at the same densities."""
-    stu = _by_method(grid, rows, "digits", "stu")
-    static = _by_method(grid, rows, "digits", "static")
+    stu = _by_method(grid, rows, grid.image_bench, "stu")
+    static = _by_method(grid, rows, grid.image_bench, "static")
     if not static or not stu:
         return None
     verdict, evidence = _tally(stu, static, "static sparse")
@@ -91,8 +105,8 @@ def exploration_beats_static(grid: Grid, rows: Rows) -> Verdict | None:
 
 def exploration_matters_when_sparse(grid: Grid, rows: Rows) -> Verdict | None:
     """STU-GAN's FD gain over static sparse training is larger at the sparsest G than at the densest."""
-    stu = _by_method(grid, rows, "digits", "stu")
-    static = _by_method(grid, rows, "digits", "static")
+    stu = _by_method(grid, rows, grid.image_bench, "stu")
+    static = _by_method(grid, rows, grid.image_bench, "static")
     if not static or not stu:
         return None
     gains, variances = {}, {}  # mean FD gain over the D densities at each G density, and its variance
@@ -124,8 +138,8 @@ def exploration_matters_when_sparse(grid: Grid, rows: Rows) -> Verdict | None:
 
 def _matches_pruning(grid: Grid, rows: Rows, kind: str, name: str) -> Verdict | None:
     """STU-GAN, sparse throughout one run, matches or beats the pruning method ``kind`` at the same density."""
-    stu = _by_method(grid, rows, "digits", "stu")
-    other = _by_method(grid, rows, "digits", kind)
+    stu = _by_method(grid, rows, grid.image_bench, "stu")
+    other = _by_method(grid, rows, grid.image_bench, kind)
     if not other or not stu:
         return None
     verdict, evidence = _tally(stu, other, name.split(" (")[0])
@@ -146,10 +160,37 @@ def matches_snip(grid: Grid, rows: Rows) -> Verdict | None:
     return _matches_pruning(grid, rows, "snip", "SNIP")
 
 
+def matches_prune_finetune(grid: Grid, rows: Rows) -> Verdict | None:
+    """STU-GAN matches or beats pruning a trained dense model and fine-tuning it (the paper's pruning baseline)."""
+    return _matches_pruning(grid, rows, "prune_finetune", "pruning a trained dense BigGAN and fine-tuning it")
+
+
+def adapt_matches_stu(grid: Grid, rows: Rows) -> Verdict | None:
+    """ADAPT, which steers D's density by the balance ratio, matches or beats STU-GAN's fixed D density at the same
+    G density (ADAPT's claim: a balanced D, not a fixed one, gives the better sparse GAN)."""
+    adapt = _by_method(grid, rows, grid.image_bench, "adapt")
+    stu = _by_method(grid, rows, grid.image_bench, "stu")
+    if not adapt or not stu:
+        return None
+    verdict, evidence = _tally(adapt, stu, "STU-GAN (D fixed)", own="ADAPT")
+    reached = [
+        f"G {g:g}: {v[1]['reached_density_d'].text(2)}"
+        for (g, _), v in sorted(adapt.items())
+        if "reached_density_d" in v[1]
+    ]
+    if reached:
+        evidence += f" ADAPT's D ended at density {'; '.join(reached)} (started at the nominal one)."
+    return (
+        "Steering D's density by the balance ratio (ADAPT) matches or beats a fixed D density (STU-GAN).",
+        verdict,
+        evidence,
+    )
+
+
 def sparse_start_is_cheaper(grid: Grid, rows: Rows) -> Verdict | None:
     """STU-GAN spends fewer training FLOPs than GMP, which starts dense, at every shared density."""
-    stu = _by_method(grid, rows, "digits", "stu")
-    gmp = _by_method(grid, rows, "digits", "gmp")
+    stu = _by_method(grid, rows, grid.image_bench, "stu")
+    gmp = _by_method(grid, rows, grid.image_bench, "gmp")
     if not gmp or not stu:
         return None
     shared = sorted(set(stu) & set(gmp))
@@ -200,7 +241,9 @@ DIGITS_CLAIMS: tuple[Callable[[Grid, Rows], Verdict | None], ...] = (
     exploration_matters_when_sparse,
     matches_gmp,
     matches_snip,
+    matches_prune_finetune,
     sparse_start_is_cheaper,
+    adapt_matches_stu,
 )
 
 

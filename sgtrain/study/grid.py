@@ -2,7 +2,11 @@
 
 A grid file (``configs/study/``) names seeds, methods (sparse settings) and a ``digits`` and/or a ``gaussians``
 section of densities; :meth:`Grid.cells` expands it into one :class:`Cell` per (benchmark, method, G density,
-D density, seed), each an ordinary run directory under the grid's ``out``.
+D density, seed), each an ordinary run directory under the grid's ``out``. The ``digits`` section trains the BigGAN
+on a bundled image dataset: the digits by default, MNIST-5k with ``dataset: mnist5k``.
+
+A prune-and-finetune cell prunes its seed's dense cell once that has finished (:meth:`Grid.depends_on`): the runner
+orders the two and keeps them in one shard.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ if TYPE_CHECKING:
 
 STUDY_DIR = CONFIG_DIR / "study"
 GRID_KEYS = {"out", "report", "seeds", "methods", "digits", "gaussians"}
-DIGITS_KEYS = {"config", "overrides", "density_g", "density_d", "evaluate"}
+DIGITS_KEYS = {"config", "dataset", "overrides", "density_g", "density_d", "evaluate"}
 GAUSSIANS_KEYS = {"datasets", "density_g", "density_d", "settings"}
 EVALUATE_KEYS = {"metrics", "num_samples", "extractor"}
+GAUSSIAN_BENCHES = ("ring8", "grid25")  # sgtrain.study.gaussians.DATASETS, named here to keep torch out of the CLI
 
 
 @dataclass(frozen=True)
 class Cell:
     """One run of the grid."""
 
-    bench: str  # digits | ring8 | grid25
+    bench: str  # digits | mnist5k (the BigGAN benchmarks) | ring8 | grid25 (the Gaussians)
     method: str  # a key of the grid's methods
     density_g: float
     density_d: float
@@ -39,7 +44,8 @@ class Cell:
 
     @property
     def kind(self) -> str:
-        return "digits" if self.bench == "digits" else "gaussians"
+        """``digits`` for a BigGAN cell on images (the digits or MNIST-5k), ``gaussians`` for a 2-D mixture."""
+        return "gaussians" if self.bench in GAUSSIAN_BENCHES else "digits"
 
     @property
     def name(self) -> str:
@@ -67,8 +73,25 @@ class Grid:
 
     def sections(self) -> list[tuple[dict[str, Any], list[str]]]:
         """(section, its benchmarks) for the digits and the Gaussians sections the grid has."""
-        sections = [(self.digits, ["digits"]), (self.gaussians, (self.gaussians or {}).get("datasets", []))]
+        sections = [(self.digits, [self.image_bench]), (self.gaussians, (self.gaussians or {}).get("datasets", []))]
         return [(section, benches) for section, benches in sections if section is not None]
+
+    @property
+    def image_bench(self) -> str:
+        """The bundled dataset the digits section trains on: its cells' bench."""
+        return str((self.digits or {}).get("dataset") or "digits")
+
+    def dense_method(self) -> str | None:
+        """The first of the grid's methods that trains dense: the one prune-and-finetune cells prune."""
+        return next((m for m, s in self.methods.items() if s["method"] == "dense"), None)
+
+    def depends_on(self, cell: Cell) -> Cell | None:
+        """The cell that must finish before ``cell`` starts: a prune-and-finetune cell's dense cell (same bench and
+        seed), else None."""
+        dense = self.dense_method()
+        if self.methods[cell.method]["method"] != "prune_finetune" or dense is None:
+            return None
+        return Cell(cell.bench, dense, 1.0, 1.0, cell.seed)
 
     def cells(self) -> list[Cell]:
         """Every cell, dense once per seed (its densities are 1), the costliest first so the slowest finish early."""
@@ -88,7 +111,12 @@ class Grid:
         """The full training config of a digits cell."""
         assert self.digits is not None
         overrides = dict(self.digits.get("overrides") or {})
+        if self.digits.get("dataset"):
+            overrides["data.dataset"] = self.digits["dataset"]
         overrides.update({f"sparse.{key}": value for key, value in self.methods[cell.method].items()})
+        dense = self.depends_on(cell)
+        if dense is not None:  # its seed's dense run, pruned at its last checkpoint, then fine-tuned
+            overrides["sparse.prune_from"] = str(self.out / dense.name)
         overrides.update(
             {
                 "sparse.density_g": cell.density_g,
@@ -124,6 +152,9 @@ def cell_fingerprint(grid: Grid, cell: Cell) -> str:
         from sgtrain.config import config_to_yaml
 
         cfg = dataclasses.replace(grid.digits_config(cell), run_dir="cell")  # the same for every --out
+        dense = grid.depends_on(cell)
+        if dense is not None:  # the dense run it prunes, named by its cell rather than its --out path
+            cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, prune_from=dense.name))
         text = config_to_yaml(cfg) + json.dumps((grid.digits or {}).get("evaluate") or {}, sort_keys=True)
     else:
         # The resolved config, defaults included: a change of sgtrain's defaults changes the cell too.
@@ -220,6 +251,14 @@ def _check_cells(grid: Grid) -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:  # two workers would train the same run directory at once
         raise ConfigError(f"{grid.path}: cell {repeated[0]} comes twice (a repeated seed or density)")
+    names = set(names)
+    for cell in grid.cells():
+        dense = grid.depends_on(cell)
+        if grid.methods[cell.method]["method"] == "prune_finetune" and (dense is None or dense.name not in names):
+            raise ConfigError(
+                f"{grid.path}: cell {cell.name} prunes its seed's dense cell: give the grid a dense method "
+                "(e.g. dense: {method: dense}) with the same seeds"
+            )
     for cell in grid.cells():  # every config is built now: one clear error before hours of work, not during them
         try:
             if cell.kind == "digits":

