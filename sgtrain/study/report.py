@@ -73,7 +73,7 @@ def digits_table(grid: Grid, rows: Rows) -> str:
         cells = [
             _label(grid, method),
             _fmt_density(g),
-            _fmt_density(d) + (f" → {reached.text(2)}" if moved else ""),
+            _fmt_density(d) + (f" → {reached.fixed()}" if moved else ""),
             *(stats[m].text(3) if m in stats else "–" for m in ("fid", "is", "precision", "recall", "classes_covered")),
             f"{stats['train_flops_vs_dense'].mean:.3f}",
             str(len(stats["seeds"])),

@@ -33,6 +33,10 @@ class Stat:
     def text(self, digits: int = 3) -> str:
         return f"{self.mean:.{digits}g} ± {self.std:.{digits - 1}g}" if self.n > 1 else f"{self.mean:.{digits}g}"
 
+    def fixed(self, decimals: int = 2) -> str:
+        """Mean ± std to a fixed number of decimals (a density: 0.30 ± 0.00, not 0.3 ± 2e-17)."""
+        return f"{self.mean:.{decimals}f}" + (f" ± {self.std:.{decimals}f}" if self.n > 1 else "")
+
 
 def load_results(grid: Grid) -> list[dict[str, Any]]:
     """Every cell's result.json that exists."""
