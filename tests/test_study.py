@@ -104,7 +104,10 @@ def test_a_bad_grid_fails_in_one_line_before_any_cell_runs(tmp_path: Path, capsy
     assert main(["study", "--grid", str(grid_path)]) == 2
     assert "methods.stu must give sparse settings with a 'method' key" in capsys.readouterr().err
     assert main(["study", "--grid", str(tmp_path / "missing.yaml")]) == 2
-    shipped = "gaussians_adapt.yaml, gaussians_adapt_constant.yaml, gaussians_recipe.yaml, study.yaml"
+    shipped = (
+        "gaussians_adapt.yaml, gaussians_adapt_constant.yaml, gaussians_recipe.yaml, study.yaml, "
+        "study_cifar10.yaml, study_headline.yaml, study_mnist5k.yaml"
+    )
     assert f"shipped grids: {shipped}" in capsys.readouterr().err
 
 
@@ -139,6 +142,14 @@ def test_the_shipped_grid_has_the_issues_cells_and_shards_split_it() -> None:
     mnist = load_grid("study_mnist5k.yaml")
     assert sorted(c.name for c in mnist.cells())[:1] == ["mnist5k/dense-s0"]
     assert {mnist.digits_config(c).data.dataset for c in mnist.cells()} == {"mnist5k"}
+    # The GPU grid: the same cells on CIFAR-10 shards at the paper's recipe, scored by Inception.
+    cifar = load_grid("study_cifar10.yaml")
+    assert sorted(c.name.replace("cifar10/", "digits/") for c in cifar.cells()) == sorted(ours)
+    paper = load_config("cifar10.yaml")
+    for cell in cifar.cells():
+        cfg = cifar.digits_config(cell)
+        assert (cfg.model, cfg.train, cfg.data.shards) == (paper.model, paper.train, "data/cifar10"), cell.name
+    assert cifar.digits["evaluate"]["extractor"] == "inception"
 
 
 def test_prune_and_finetune_cells_prune_their_seeds_finished_dense_cell(tmp_path: Path) -> None:

