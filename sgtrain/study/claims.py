@@ -45,6 +45,8 @@ def _tally(stu: Settings, other: Settings, name: str, own: str = "STU-GAN") -> t
         return ("held" if clear else "held on average, within seed noise"), evidence
     if better * 2 > len(shared):
         return "partly held", evidence
+    if worse == 0:  # not better on average, but no setting is worse beyond the noise either
+        return "did not hold on average, within seed noise", evidence
     return "did not hold", evidence
 
 
@@ -86,9 +88,9 @@ def sparse_matches_dense(grid: Grid, rows: Rows) -> Verdict | None:
         f"A sparse G (density {target[0]:g}) with a sparse D (density {target[1]:g}), trained sparse "
         "from scratch, matches or beats dense BigGAN (the paper: 80%-sparse G, 70%-sparse D).",
         verdict,
-        f"FD {stu[target][1]['fid'].text()} (STU-GAN, G {target[0]:g}/D {target[1]:g}) vs "
-        f"{d_stats.text()} (dense).{margin}{recall} STU-GAN's best setting, G {best[0]:g}/D {best[1]:g}, reaches "
-        f"{stu[best][1]['fid'].text()}. Sparse training costs "
+        f"FD {stu[target][1]['fid'].fixed(0)} (STU-GAN, G {target[0]:g}/D {target[1]:g}) vs "
+        f"{d_stats.fixed(0)} (dense).{margin}{recall} STU-GAN's best setting, G {best[0]:g}/D {best[1]:g}, reaches "
+        f"{stu[best][1]['fid'].fixed(0)}. Sparse training costs "
         f"{stu[target][1]['train_flops_vs_dense'].mean:.2f} of dense training's FLOPs there.",
     )
 

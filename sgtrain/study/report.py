@@ -64,9 +64,9 @@ def _label(grid: Grid, method: str) -> str:
 def digits_table(grid: Grid, rows: Rows) -> str:
     """The markdown table of the BigGAN rows (digits or MNIST-5k)."""
     lines = [
-        "| method | G density | D density | FD (classifier) ↓ | IS analogue ↑ | precision ↑ | recall ↑ | "
-        "classes covered ↑ | train FLOPs vs dense | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | G density | D density | FD (classifier) ↓ | FD per seed | IS analogue ↑ | precision ↑ | "
+        "recall ↑ | classes covered ↑ | train FLOPs vs dense | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (_, method, g, d), stats in _sorted_rows(rows, grid.image_bench):
         reached = stats.get("reached_density_d")
@@ -75,7 +75,9 @@ def digits_table(grid: Grid, rows: Rows) -> str:
             _label(grid, method),
             _fmt_density(g),
             _fmt_density(d) + (f" → {reached.fixed()}" if moved else ""),
-            *(stats[m].text(3) if m in stats else "–" for m in ("fid", "is", "precision", "recall", "classes_covered")),
+            stats["fid"].fixed(0) if "fid" in stats else "–",
+            ", ".join(f"{v:.0f}" for v in stats.get("by_seed", {}).get("fid", [])) or "–",
+            *(stats[m].text(3) if m in stats else "–" for m in ("is", "precision", "recall", "classes_covered")),
             f"{stats['train_flops_vs_dense'].mean:.3f}",
             str(len(stats["seeds"])),
         ]
