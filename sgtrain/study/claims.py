@@ -45,6 +45,8 @@ def _tally(stu: Settings, other: Settings, name: str, own: str = "STU-GAN") -> t
         return ("held" if clear else "held on average, within seed noise"), evidence
     if better * 2 > len(shared):
         return "partly held", evidence
+    if min(o.seeds for o in outcomes) < 2:
+        return "inconclusive (one seed)", evidence
     if worse == 0:  # not better on average, but no setting is worse beyond the noise either
         return "did not hold on average, within seed noise", evidence
     return "did not hold", evidence
@@ -73,8 +75,8 @@ def sparse_matches_dense(grid: Grid, rows: Rows) -> Verdict | None:
     # The margin a reader can rely on: the difference of the means with two standard errors either side.
     margin = (
         f" The difference of means (dense minus STU-GAN) is {outcome.gain:+.0f} ± {2 * outcome.se:.0f} (two "
-        f"standard errors, {outcome.seeds} seeds each at least): STU-GAN's FD lies within "
-        f"[{outcome.gain - 2 * outcome.se:+.0f}, {outcome.gain + 2 * outcome.se:+.0f}] of dense's, negative worse."
+        f"standard errors, {outcome.seeds} seeds each at least): dense's FD minus STU-GAN's lies in "
+        f"[{outcome.gain - 2 * outcome.se:+.0f}, {outcome.gain + 2 * outcome.se:+.0f}] (positive: STU-GAN lower)."
         if outcome.seeds > 1
         else ""
     )
@@ -186,8 +188,8 @@ def adapt_matches_stu(grid: Grid, rows: Rows) -> Verdict | None:
         return None
     verdict, evidence = _tally(adapt, stu, "STU-GAN (D fixed)", own="ADAPT")
     reached = [
-        f"G {g:g}: {v[1]['reached_density_d'].fixed()}"
-        for (g, _), v in sorted(adapt.items())
+        f"G {g:g}/D {d:g}: {v[1]['reached_density_d'].fixed()}"
+        for (g, d), v in sorted(adapt.items())
         if "reached_density_d" in v[1]
     ]
     if reached:

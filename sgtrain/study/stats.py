@@ -55,7 +55,12 @@ def aggregate(results: list[dict[str, Any]]) -> Rows:
         groups.setdefault((r["bench"], r["method"], r["density_g"], r["density_d"]), []).append(r)
     rows = {}
     for key, members in groups.items():
-        numeric = [k for k, v in members[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        # The numeric keys every seed has (a result written by older code may lack a newer metric).
+        numeric = [
+            k
+            for k, v in members[0].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and all(k in m for m in members)
+        ]
         rows[key] = {k: Stat.of([float(m[k]) for m in members]) for k in numeric if k not in ("seed", "step")}
         rows[key]["seeds"] = sorted(m["seed"] for m in members)
         # Each seed's value too, in seed order: with 3 seeds one collapsed run moves a mean more than a method does.
