@@ -97,14 +97,19 @@ def sparse_matches_dense(grid: Grid, rows: Rows) -> Verdict | None:
     )
 
 
+def _stu_against(grid: Grid, rows: Rows, kind: str, name: str, claim: str) -> Verdict | None:
+    """``claim``, judged by STU-GAN's FD against the method of sparse.method ``kind`` (called ``name``)."""
+    stu = _by_method(grid, rows, grid.image_bench, "stu")
+    other = _by_method(grid, rows, grid.image_bench, kind)
+    if not other or not stu:
+        return None
+    return (claim, *_tally(stu, other, name))
+
+
 def exploration_beats_static(grid: Grid, rows: Rows) -> Verdict | None:
     """STU-GAN's dynamic exploration of G beats static sparse training at the same densities."""
-    stu = _by_method(grid, rows, grid.image_bench, "stu")
-    static = _by_method(grid, rows, grid.image_bench, "static")
-    if not static or not stu:
-        return None
-    verdict, evidence = _tally(stu, static, "static sparse")
-    return "Dynamic exploration of G (STU-GAN) beats static sparse training at the same budget.", verdict, evidence
+    claim = "Dynamic exploration of G (STU-GAN) beats static sparse training at the same budget."
+    return _stu_against(grid, rows, "static", "static sparse", claim)
 
 
 def exploration_matters_when_sparse(grid: Grid, rows: Rows) -> Verdict | None:
@@ -142,16 +147,8 @@ def exploration_matters_when_sparse(grid: Grid, rows: Rows) -> Verdict | None:
 
 def _matches_pruning(grid: Grid, rows: Rows, kind: str, name: str) -> Verdict | None:
     """STU-GAN, sparse throughout one run, matches or beats the pruning method ``kind`` at the same density."""
-    stu = _by_method(grid, rows, grid.image_bench, "stu")
-    other = _by_method(grid, rows, grid.image_bench, kind)
-    if not other or not stu:
-        return None
-    verdict, evidence = _tally(stu, other, name.split(" (")[0])
-    return (
-        f"Sparse-to-sparse training in one run matches or beats {name} at the same final density.",
-        verdict,
-        evidence,
-    )
+    claim = f"Sparse-to-sparse training in one run matches or beats {name} at the same final density."
+    return _stu_against(grid, rows, kind, name.split(" (")[0], claim)
 
 
 def matches_gmp(grid: Grid, rows: Rows) -> Verdict | None:
@@ -166,17 +163,11 @@ def matches_snip(grid: Grid, rows: Rows) -> Verdict | None:
 
 def matches_prune_finetune(grid: Grid, rows: Rows) -> Verdict | None:
     """STU-GAN matches or beats pruning a trained dense model and fine-tuning it (the paper's pruning baseline)."""
-    stu = _by_method(grid, rows, grid.image_bench, "stu")
-    pruned = _by_method(grid, rows, grid.image_bench, "prune_finetune")
-    if not pruned or not stu:
-        return None
-    verdict, evidence = _tally(stu, pruned, "prune-and-finetune")
-    return (
+    claim = (
         "One sparse run (STU-GAN) matches or beats pruning a trained dense BigGAN and fine-tuning it, at the same "
-        "final density and a fraction of its training cost.",
-        verdict,
-        evidence,
+        "final density and a fraction of its training cost."
     )
+    return _stu_against(grid, rows, "prune_finetune", "prune-and-finetune", claim)
 
 
 def adapt_matches_stu(grid: Grid, rows: Rows) -> Verdict | None:
