@@ -141,7 +141,7 @@ def test_the_shipped_grid_has_the_issues_cells_and_shards_split_it() -> None:
     ours = {c.name: cell_fingerprint(grid, c) for c in cells}
     shared = [c for c in headline.cells() if c.name in ours]
     assert len(shared) == 6 and all(cell_fingerprint(headline, c) == ours[c.name] for c in shared)
-    assert {c.seed for c in headline.cells()} == set(range(6))
+    assert {c.seed for c in headline.cells()} == set(range(12))
     mnist = load_grid("study_mnist5k.yaml")
     assert sorted(c.name for c in mnist.cells())[:1] == ["mnist5k/dense-s0"]
     assert {mnist.digits_config(c).data.dataset for c in mnist.cells()} == {"mnist5k"}
