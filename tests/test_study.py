@@ -331,6 +331,33 @@ def test_differences_inside_the_seed_noise_are_called_so() -> None:
     assert by_start["Dynamic expl"] == "held on average, within seed noise"
 
 
+def test_the_headline_is_decided_on_log_fd_so_one_collapsed_seed_does_not_hide_a_gap() -> None:
+    """study_headline.yaml's 12 seeds (docs/study_headline.md): STU-GAN is worse in 11, and one seed collapsed to FD
+    2,109, which widens the arithmetic mean's standard error past the gap; on log FD the gap is beyond two."""
+    methods = {name: {"method": name} for name in ("dense", "stu")}
+    grid = Grid(
+        Path("g.yaml"),
+        Path("out"),
+        Path("r.md"),
+        list(range(12)),
+        methods,
+        {"density_g": [0.2], "density_d": [0.3]},
+        None,
+    )
+    dense = (120, 76, 80, 99, 100, 103, 93, 85, 65, 106, 111, 164)
+    stu = (205, 2109, 195, 298, 137, 219, 323, 221, 291, 118, 101, 231)
+    results = [_result("dense", 1.0, 1.0, seed, fid, 1.0) for seed, fid in enumerate(dense)]
+    results += [_result("stu", 0.2, 0.3, seed, fid, 0.5) for seed, fid in enumerate(stu)]
+    rows = aggregate(results)
+    arithmetic = compare(rows[("digits", "stu", 0.2, 0.3)]["fid"], rows[("digits", "dense", 1.0, 1.0)]["fid"], True)
+    assert arithmetic.verdict == "within noise"  # the means: 371 ± 552 against 100 ± 25
+    ((_, verdict, evidence),) = claims(grid, rows)
+    assert verdict == "did not hold"
+    assert "is -270 ± 319 (two standard errors" in evidence  # the arithmetic margin, still stated
+    assert "geometric-mean FD is 2.50x dense's, between 1.57x and 3.98x at two standard errors" in evidence
+    assert "higher in 136 of the 144 pairs" in evidence
+
+
 def test_a_changed_cell_or_a_repeated_one_is_refused(tmp_path: Path, capsys) -> None:
     grid_path = _miniature(tmp_path)
     grid = load_grid(grid_path)
