@@ -471,8 +471,9 @@ def _claims_table(grid: Grid, rows: Rows) -> list[str]:
         "|---|---|---|",
         *(f"| {c} | **{v}** | {e} |" for c, v, e in claims(grid, rows)),
         "",
-        'Verdicts compare means over seeds; "by more than two standard errors" is the line drawn between a '
-        "difference and seed noise (with 3 seeds a rough one).",
+        "Verdicts compare means over seeds (the sparse-vs-dense claim: means of log FD, a ratio of geometric "
+        'means, so that one collapsed seed does not outweigh the rest); "by more than two standard errors" is the '
+        "line drawn between a difference and seed noise (with 3 seeds a rough one).",
         "",
     ]
 
