@@ -27,7 +27,7 @@ COMMANDS = {
     "print-config": "print the resolved config as YAML: [--config FILE] [--section.key=value ...]",
     "inspect": "masks of a run's latest checkpoint (or a checkpoint file): RUN_DIR_OR_CHECKPOINT [--json]",
     "flops": "inference and training FLOPs, dense and sparse: [--config FILE] [--section.key=value ...] [--json]",
-    "evaluate": "FID, KID, IS, precision/recall, classes covered of a run's EMA generator: RUN_DIR "
+    "evaluate": "FID, KID, IS, precision/recall, classes covered of a run's EMA generator: RUN_DIR_OR_CHECKPOINT "
     "[--metrics fid,kid,is,pr,classes] [--num-samples N] [--truncation T] [--extractor auto|inception|classifier] "
     "[--inception FILE] [--standing] [--json]",
     "sample": "a class-conditional grid from a run's EMA generator: RUN_DIR_OR_CHECKPOINT|--from G.sgt --out grid.png "
@@ -103,6 +103,7 @@ def make_shards(
 
 def evaluate(
     run: str,
+    *,  # options by flag only: a stray second path must not land in --metrics or --truncation
     metrics: Any = "fid,kid,is,pr,classes",
     num_samples: int = 10_000,
     truncation: float | None = None,
@@ -144,6 +145,7 @@ def evaluate(
 def sample(
     run: str,
     out: str,
+    *,  # options by flag only, as evaluate's
     classes: Any = None,
     truncation: float | None = None,
     per_class: int = 8,
@@ -250,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     commands["export"] = export
     commands["bench"] = bench
     commands["study"] = study
+    stray = _stray_arguments(commands[argv[0]], argv[1:])
+    if stray:
+        # fire would call the command first and complain about the leftover afterwards, once the work is done.
+        print(
+            f"sgtrain: error: {argv[0]}: unexpected argument {stray!r}: options go by flag ({COMMANDS[argv[0]]})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return run_guarded(lambda: fire.Fire(commands, command=argv, name="sgtrain"))
     except StudyFailed as error:
@@ -257,6 +267,33 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except fire.core.FireExit as exit_:
         return int(exit_.code or 0)
+
+
+def _stray_arguments(command: Callable[..., Any], args: list[str]) -> str | None:
+    """The first bare argument beyond ``command``'s positional parameters, for commands whose options are
+    keyword-only (evaluate, sample); None where there is none or the command takes no keyword-only options."""
+    import inspect as signatures
+
+    parameters = signatures.signature(command).parameters.values()
+    kinds = signatures.Parameter
+    if not any(p.kind is kinds.KEYWORD_ONLY for p in parameters):
+        return None
+    options = {p.name: p for p in parameters}
+    free = [p.name for p in parameters if p.kind is kinds.POSITIONAL_OR_KEYWORD]
+    bare, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            if name in free:
+                free.remove(name)  # a positional parameter given by flag (sample --from)
+            parameter = options.get(name)
+            takes_value = "=" not in arg and not (parameter is not None and parameter.annotation in (bool, "bool"))
+            i += 2 if takes_value else 1
+        else:
+            bare.append(arg)
+            i += 1
+    return bare[len(free)] if len(bare) > len(free) else None
 
 
 def run_guarded(command: Callable[[], Any]) -> int:

@@ -188,6 +188,26 @@ def test_cli_bad_input_exits_2_before_any_work(args: list[str], tmp_path: Path) 
     assert not run_dir.exists()  # nothing was written
 
 
+@pytest.mark.parametrize(
+    ("command", "stray"),
+    [
+        # A checkpoint after the run used to land in --truncation and fail deep in sampling, after loading the run.
+        (["evaluate", "RUN", "RUN/checkpoints/step-00001200.pt", "--metrics", "fid", "--num-samples", "10"], 2),
+        (["evaluate", "RUN", "--json", "--metrics=fid", "extra"], 4),
+        (["sample", "RUN", "OUT.png", "--classes", "1,3", "extra"], 5),
+        (["sample", "--from", "G.sgt", "--out", "OUT.png", "extra"], 5),
+    ],
+)
+def test_a_stray_argument_is_refused_before_any_work(command: list[str], stray: int, tmp_path: Path) -> None:
+    args = [a.replace("RUN", str(tmp_path / "run")).replace("OUT", str(tmp_path / "out")) for a in command]
+    result = _cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sgtrain: error: {command[0]}: unexpected argument ")
+    assert repr(args[stray]) in lines[0] and "options go by flag" in lines[0]
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
 def test_cli_print_config_and_help(tmp_path: Path) -> None:
     result = _cli("print-config", "--config", "imagenet128.yaml", "--train.steps=5", cwd=tmp_path)
     assert result.returncode == 0
