@@ -119,6 +119,10 @@ class TrainConfig:
     # The small default (docs/recipe_sweep.md): D at 4x G's rate stands in for the 4 D steps of the authors' recipe.
     g_lr: float = 5e-4
     d_lr: float = 2e-3
+    # After this fraction of the run, G's learning rate falls linearly towards 0 at its last step while D's stays:
+    # the small digits recipe keeps its recall that way (docs/recipe_sweep.md). None: constant rates, as the
+    # authors train (the shipped BigGAN configs say so).
+    g_lr_decay_from: float | None = None
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas (BigGAN: 0, 0.999)
     adam_eps: float = 1e-6  # BigGAN's Adam epsilon
     ema_decay: float = 0.995  # generator EMA decay per G step (BigGAN: 0.9999 over 100k+ steps)
@@ -188,6 +192,10 @@ class TrainConfig:
         for name in ("g_lr", "d_lr"):
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
         _check(
+            self.g_lr_decay_from is None or 0 <= self.g_lr_decay_from < 1,
+            f"train.g_lr_decay_from must be in [0, 1) or null, got {self.g_lr_decay_from}",
+        )
+        _check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"train.betas must be two numbers in [0, 1), got {self.betas}",
         )
@@ -209,6 +217,17 @@ class TrainConfig:
             self.batch_size % self.accumulation == 0,
             f"train.batch_size ({self.batch_size}) must be divisible by train.accumulation ({self.accumulation})",
         )
+
+    def g_lr_at(self, step: int) -> float:
+        """G's learning rate for the update that takes G from ``step`` steps to ``step + 1``: ``g_lr`` up to step
+        ``s = round(g_lr_decay_from * steps)``, then ``g_lr * (steps - step) / (steps - s)``, down to
+        ``g_lr / (steps - s)`` at the last update."""
+        if self.g_lr_decay_from is None:
+            return self.g_lr
+        start = round(self.g_lr_decay_from * self.steps)
+        if step < start:
+            return self.g_lr
+        return self.g_lr * max(0, self.steps - step) / (self.steps - start)
 
 
 @dataclass(kw_only=True)

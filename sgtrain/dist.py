@@ -270,6 +270,12 @@ class Network:
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()  # every round: the engine counts rounds and steps the optimizer at the last one
 
+    def set_lr(self, lr: float) -> None:
+        """Set every parameter group's learning rate (a DeepSpeed engine's ZeRO optimizer holds its own groups)."""
+        groups = self.engine.optimizer.param_groups if self.engine is not None else self.optimizer.param_groups
+        for group in groups:
+            group["lr"] = lr
+
     def optimizer_step(self) -> None:
         if self.engine is None:
             self.optimizer.step()

@@ -42,6 +42,8 @@ class Trainable(Protocol):
 
     def optimizer_step(self) -> None: ...
 
+    def set_lr(self, lr: float) -> None: ...  # every parameter group's learning rate
+
 
 class LocalNetwork:
     """A module and its optimizer in one process: no wrapper, no collective."""
@@ -67,6 +69,10 @@ class LocalNetwork:
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
 
 def always_finite(net: str, losses: list[torch.Tensor], module: nn.Module) -> bool:

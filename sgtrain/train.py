@@ -206,6 +206,8 @@ def training_loop(
         if t.augment:
             rng = step_generator(cfg.seed, progress.step, stream=1)
             augment = StepAugment(t.augment, rng, global_batch=micro_global, mine=mine)
+        if t.g_lr_decay_from is not None:  # set from the step alone, so a resumed run continues the same schedule
+            gan.G.set_lr(t.g_lr_at(progress.step))
         result = gan(progress.step, lambda: batches.next(dist.device), latents, augment)
         progress.step += 1
         step = progress.step

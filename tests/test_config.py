@@ -53,6 +53,14 @@ def test_imagenet128_values() -> None:
     assert cfg.train.batch_size == 2048 and cfg.train.accumulation == 8
 
 
+def test_g_lr_decays_linearly_after_its_fraction_of_the_run() -> None:
+    decayed = load_config(None, {"train.steps": 10, "train.g_lr": 6e-4, "train.g_lr_decay_from": 0.4}).train
+    # Steps 0-3 at the full rate; from step 4 (0.4 of 10) down by g_lr / 6 per step to g_lr / 6 at the last.
+    assert [decayed.g_lr_at(step) * 1e4 for step in range(10)] == pytest.approx([6, 6, 6, 6, 6, 5, 4, 3, 2, 1])
+    constant = load_config(None, {"train.steps": 10, "train.g_lr": 6e-4, "train.g_lr_decay_from": None}).train
+    assert [constant.g_lr_at(step) for step in range(10)] == [6e-4] * 10
+
+
 def test_dotted_overrides_apply_over_the_yaml() -> None:
     cfg = load_config(
         "cifar10.yaml",
@@ -108,6 +116,7 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         ({"train.betas": [0.0, 1.0]}, "train.betas must be two numbers in [0, 1)"),
         ({"train.betas": [0.0]}, "train.betas must be two numbers in [0, 1)"),
         ({"train.ema_decay": 1.0}, "train.ema_decay must be in [0, 1), got 1.0"),
+        ({"train.g_lr_decay_from": 1.0}, "train.g_lr_decay_from must be in [0, 1) or null, got 1.0"),
         ({"train.mixed_precision": "fp8"}, "train.mixed_precision must be one of no, bf16"),
         ({"train.sample_classes": 11}, "train.sample_classes (11) exceeds model.n_classes (10)"),
         ({"data.num_workers": -1}, "data.num_workers must be >= 0, got -1"),

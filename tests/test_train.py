@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from stops import StopAfter
 
 from sgtrain import checkpoint
 from sgtrain.checkpoint import CheckpointError
 from sgtrain.config import ConfigError
 from sgtrain.models.build import build_models
+from sgtrain.stopping import StoppedEarly
 from sgtrain.train import train
 
 
@@ -122,6 +124,28 @@ def test_stopped_and_resumed_equals_uninterrupted(
     # The metrics log of the split run holds each step once.
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 2 * n + 1))
+
+
+def test_g_lr_decay_sets_g_alone_and_a_stopped_run_resumes_on_schedule(
+    tiny_config, tmp_path: Path, assert_trees_equal
+) -> None:
+    common = {"train__steps": 4, "train__g_lr_decay_from": 0.25, "train__ema_start": 1}
+    split = tiny_config(tmp_path / "split", **common)
+    with pytest.raises(StoppedEarly):
+        train(split, stop=StopAfter(2))
+    train(split)
+    train(tiny_config(tmp_path / "straight", **common))
+    train(tiny_config(tmp_path / "constant", train__steps=4, train__ema_start=1, train__g_lr_decay_from=None))
+
+    a, b = _last_state(tmp_path / "split"), _last_state(tmp_path / "straight")
+    for key in ("G", "D", "ema", "opt_g", "opt_d"):
+        assert_trees_equal(a[key], b[key], key)
+    # The last G update ran at a third of G's rate (decay from step 1 of 4); D's rate never moved.
+    assert [g["lr"] for g in b["opt_g"]["param_groups"]] == [pytest.approx(split.train.g_lr / 3)]
+    assert [g["lr"] for g in b["opt_d"]["param_groups"]] == [split.train.d_lr]
+    constant = _last_state(tmp_path / "constant")
+    assert [g["lr"] for g in constant["opt_g"]["param_groups"]] == [split.train.g_lr]
+    assert any(not torch.equal(b["G"][k], constant["G"][k]) for k in b["G"])
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tiny_config) -> None:
