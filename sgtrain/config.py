@@ -55,7 +55,9 @@ class ModelConfig:
     g_ch: int = 4  # generator channel multiplier ("ch" of BigGAN; 64 for CIFAR-10, 96 for ImageNet)
     d_ch: int = 4  # discriminator channel multiplier
     dim_z: int = 120  # latent size; with hier it is split into len(blocks)+1 chunks
-    shared_dim: int = 128  # shared class embedding size; 0 = one class embedding per conditional BN
+    # shared class embedding size (BigGAN at 128 px: 128); 0 = one class embedding per conditional BN. 16 here: with
+    # a 128-d class code beside each block's 30-d chunk of z, the digits lost their within-class variety sooner.
+    shared_dim: int = 16
     hier: bool = True  # hierarchical latents: a z chunk goes to every generator block
     g_attn: list[int] = field(default_factory=list)  # resolutions with self-attention in G (e.g. [64])
     d_attn: list[int] = field(default_factory=list)  # resolutions with self-attention in D
@@ -112,7 +114,7 @@ EVAL_METRICS = {"fid": "lower", "kid": "lower", "is": "higher", "precision": "hi
 class TrainConfig:
     """The GAN training loop. Progress is counted in generator steps."""
 
-    steps: int = 1600  # generator steps in the whole run
+    steps: int = 4000  # generator steps in the whole run
     batch_size: int = 32  # global images per D (and G) step, summed over ranks and accumulation rounds
     accumulation: int = 1  # micro-batches per optimizer step (gradient accumulation)
     d_steps: int = 1  # discriminator steps per generator step
@@ -122,11 +124,11 @@ class TrainConfig:
     # After this fraction of the run, G's learning rate falls linearly towards 0 at its last step while D's stays:
     # the small digits recipe keeps its recall that way (docs/recipe_sweep.md). None: constant rates, as the
     # authors train (the shipped BigGAN configs say so).
-    g_lr_decay_from: float | None = None
+    g_lr_decay_from: float | None = 0.333
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas (BigGAN: 0, 0.999)
     adam_eps: float = 1e-6  # BigGAN's Adam epsilon
     ema_decay: float = 0.995  # generator EMA decay per G step (BigGAN: 0.9999 over 100k+ steps)
-    ema_start: int = 600  # G step at which the EMA starts averaging (it copies G before)
+    ema_start: int = 1300  # G step at which the EMA starts averaging (it copies G before)
     # The EMA's buffers (batch-norm running statistics, spectral-norm vectors): average them with the same decay as
     # the weights (BigGAN-PyTorch and the STU-GAN authors, whose `utils.ema` walks the whole state dict) | copy G's.
     ema_buffers: str = "average"
@@ -137,8 +139,8 @@ class TrainConfig:
     # G's batch norm over the global batch, as BigGAN's cross-replica BN: a run then matches a one-process run of the
     # same global batch. Off: per-rank statistics (no collective inside the forward pass).
     cross_replica_bn: bool = True
-    sample_every: int = 400  # G steps between fixed-noise sample grids
-    checkpoint_every: int = 400  # G steps between checkpoints (one is always written at the end)
+    sample_every: int = 500  # G steps between fixed-noise sample grids
+    checkpoint_every: int = 500  # G steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # checkpoints kept in the run directory (the last K)
     log_every: int = 50  # G steps between metrics.jsonl records
     # Evaluation during training (0: off): every eval_every G steps, at a checkpoint, the EMA generator's metrics

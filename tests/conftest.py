@@ -16,6 +16,7 @@ TINY = {
     "model.d_ch": 4,
     "model.dim_z": 20,  # 4 chunks of 5 with hier at 32 px
     "model.shared_dim": 8,
+    "train.g_lr_decay_from": None,  # constant rates: a run extended by raising train.steps equals a longer one
     "train.batch_size": 8,
     "train.log_every": 1,
     "train.sample_every": 1000,

@@ -38,6 +38,7 @@ TINY = {
     # amplifies the fp32 rounding of 2 ranks' sums beyond the tolerance on some CPUs.
     "train.g_lr": 2.0e-4,
     "train.d_lr": 2.0e-4,
+    "train.g_lr_decay_from": None,  # and constant rates, as written
     "train.log_every": 1,
     "train.sample_every": 1000,
     "train.checkpoint_every": 1000,
