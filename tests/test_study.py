@@ -124,11 +124,13 @@ def test_the_shipped_grid_has_the_issues_cells_and_shards_split_it() -> None:
     assert {c.density_d for c in digits} == {1.0, 0.3}
     assert {c.method for c in digits} == {"dense", "static", "gmp", "prune_finetune", "stu", "adapt"}
     assert len({c.name for c in cells}) == len(cells)
-    # Every cell trains the default run's recipe: only the sparse settings and the seed differ.
-    default = load_config("digits.yaml")
+    # Every cell trains one recipe, digits.yaml with the grid's pins: only the sparse settings and the seed differ.
+    # The pins keep the recipe the study ran with (1,600 steps, 128-d class embedding, constant rates).
+    recipe = load_config("digits.yaml", dict(grid.digits["overrides"]))
+    assert (recipe.train.steps, recipe.model.shared_dim, recipe.train.g_lr_decay_from) == (1600, 128, None)
     for cell in cells:
         cfg = grid.digits_config(cell)
-        assert (cfg.model, cfg.train) == (default.model, default.train), cell.name
+        assert (cfg.model, cfg.train) == (recipe.model, recipe.train), cell.name
     for count in (2, 3):
         shards = [shard_cells(grid, parse_shard(f"{k}/{count}")[0], count) for k in range(1, count + 1)]
         assert sorted(c.name for s in shards for c in s) == sorted(c.name for c in cells)
