@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -112,6 +113,18 @@ def test_a_bad_grid_fails_in_one_line_before_any_cell_runs(tmp_path: Path, capsy
         "study_cifar10.yaml, study_headline.yaml, study_mnist5k.yaml"
     )
     assert f"shipped grids: {shipped}" in capsys.readouterr().err
+
+
+def test_the_recorded_study_cells_stay_current_when_an_option_is_added_at_its_as_before_value() -> None:
+    # The fingerprint stored with the recorded cells of docs/study.md and docs/study_headline.md (dense seed 0), from
+    # before train.g_lr_decay_from existed. If this changes, every recorded result turns stale: an option added to
+    # the config belongs in FINGERPRINT_NEUTRAL at the value that trains as before.
+    grid = load_grid("study.yaml")
+    (dense,) = [c for c in grid.cells() if c.name == "digits/dense-s0"]
+    assert cell_fingerprint(grid, dense) == "3b61d2755db6384c"
+    pinned = {**grid.digits["overrides"], "train.g_lr_decay_from": 0.333}
+    decayed = dataclasses.replace(grid, digits={**grid.digits, "overrides": pinned})
+    assert cell_fingerprint(decayed, dense) != "3b61d2755db6384c"
 
 
 def test_the_shipped_grid_has_the_issues_cells_and_shards_split_it() -> None:

@@ -145,13 +145,18 @@ class Grid:
         return gaussians_config(self.gaussians_settings(cell))
 
 
+# Options added to sgtrain after study results were recorded, at the value that trains as before they existed: a
+# cell's config with one of them at that value hashes as it did without it, so those results stay current.
+FINGERPRINT_NEUTRAL: dict[tuple[str, str], Any] = {("train", "g_lr_decay_from"): None}
+
+
 def cell_fingerprint(grid: Grid, cell: Cell) -> str:
     """A hash of everything that makes a cell's result: its full training config (less run_dir, which --out moves)
     and evaluation settings, or its Gaussians settings. A stored result of other settings is stale."""
     import hashlib
 
     if cell.kind == "digits":
-        from sgtrain.config import config_to_yaml
+        from sgtrain.config import config_to_dict
 
         cfg = dataclasses.replace(grid.digits_config(cell), run_dir="cell")  # the same for every --out
         dense = grid.depends_on(cell)
@@ -160,7 +165,12 @@ def cell_fingerprint(grid: Grid, cell: Cell) -> str:
             # retrained with other settings makes this result stale too.
             pruned = f"{dense.name}@{cell_fingerprint(grid, dense)}"
             cfg = dataclasses.replace(cfg, sparse=dataclasses.replace(cfg.sparse, prune_from=pruned))
-        text = config_to_yaml(cfg) + json.dumps((grid.digits or {}).get("evaluate") or {}, sort_keys=True)
+        tree = config_to_dict(cfg)
+        for (section, key), neutral in FINGERPRINT_NEUTRAL.items():
+            if key in tree[section] and tree[section][key] == neutral:
+                del tree[section][key]
+        text = yaml.safe_dump(tree, sort_keys=False)  # as config_to_yaml writes it
+        text += json.dumps((grid.digits or {}).get("evaluate") or {}, sort_keys=True)
     else:
         # The resolved config, defaults included: a change of sgtrain's defaults changes the cell too.
         text = json.dumps(dataclasses.asdict(grid.gaussians_config(cell)), sort_keys=True)
