@@ -17,7 +17,7 @@ start=$(date +%s)
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python -m sgtrain --train.eval_every=0 --train.checkpoint_every=200 \
     --train.keep_checkpoints=30 --run_dir="$run" "$@" > "$run.log" 2>&1
 end=$(date +%s)
-for ckpt in "$run"/checkpoints/step-*.pt "$run"/step-*.pt; do
+for ckpt in "$run"/checkpoints/step-*.pt; do
     [ -f "$ckpt" ] || continue
     step=$(basename "$ckpt" .pt); step=$((10#${step#step-}))
     [ "$step" -ge "$from" ] || continue
